@@ -1,0 +1,172 @@
+"""The `tessera` command line: one entry point, one small function per subcommand.
+
+Every subcommand parses its arguments, calls the library and prints. A `TesseraError`
+(bad input: a missing file, a corrupt checkpoint, a wrong config) is printed as one line,
+`tessera: error: ...`, with exit status 2 and no traceback; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from tessera.errors import TesseraError
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
+
+
+def command(name: str, help_text: str):
+    """Register `add_args` for subcommand `name`; the decorated function runs it."""
+
+    def decorate(run: Callable) -> Callable:
+        add_args = getattr(run, "add_args", lambda parser: None)
+        COMMANDS[name] = (add_args, run, help_text)
+        return run
+
+    return decorate
+
+
+def arguments(add_args: Callable[[argparse.ArgumentParser], None]):
+    def attach(run: Callable) -> Callable:
+        run.add_args = add_args
+        return run
+
+    return attach
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
+                        "(default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: "
+                        "cuda if available)")
+
+
+# --------------------------------------------------------------------------------- info
+@command("info", "list model presets, the device and the available kernels")
+def run_info(args: argparse.Namespace) -> None:
+    import torch
+
+    import tessera.model  # noqa: F401  (registers the attention op)
+    from tessera.config import PRESETS
+    from tessera.kernels import registry
+
+    print(f"{'preset':<22} {'type':<6} {'layers':>6} {'hidden':>6} {'heads':>9} "
+          f"{'params':>10} {'non-emb':>10}")
+    for name, cfg in PRESETS.items():
+        heads = f"{cfg.num_heads}/{cfg.num_kv_heads}"
+        print(f"{name:<22} {cfg.model_type:<6} {cfg.num_layers:>6} {cfg.hidden_size:>6} "
+              f"{heads:>9} {_millions(cfg.num_parameters()):>10} "
+              f"{_millions(cfg.num_parameters(include_embeddings=False)):>10}")
+    print(f"\ntorch {torch.__version__}; device: {_describe_device()}")
+    print(f"triton: {_triton_version()}")
+    print("kernels (reference first):")
+    for op, backends in registry.available().items():
+        selected = registry.select(op, "cuda" if torch.cuda.is_available() else "cpu")
+        print(f"  {op:<18} {', '.join(backends):<28} using: {selected.backend}")
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def _describe_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} GPU)"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed (torch reference kernels only)"
+    return triton.__version__
+
+
+# ----------------------------------------------------------------------------- generate
+def _generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="HF directory, .gguf file or registered name")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's "
+                        "chat template as a user message")
+    parser.add_argument("--system", default=None, help="system message (with --chat)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    _model_args(parser)
+
+
+@command("generate", "generate text from a prompt, streaming tokens to the terminal")
+@arguments(_generate_args)
+def run_generate(args: argparse.Namespace) -> None:
+    import tessera
+    from tessera.generate import GenerationConfig, generate_stream
+
+    gen = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    loaded = tessera.load(args.model, dtype=args.dtype, device=args.device)
+    tok = loaded.tokenizer
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        messages.append({"role": "user", "content": args.prompt})
+        prompt_ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+    else:
+        prompt_ids = tok.encode(args.prompt)
+    stops = set(loaded.config.eos_token_ids)
+    decoder = tok.decode_stream(skip_special_tokens=True)
+    for token in generate_stream(loaded.model, prompt_ids, gen):
+        if token in stops:
+            break
+        sys.stdout.write(decoder.step(token))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.flush() + "\n")
+
+
+# ------------------------------------------------------------------------------ convert
+def _convert_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="HF directory, .gguf file or registered name")
+    parser.add_argument("destination", help="output HF-format directory")
+    parser.add_argument("--dtype", default="float32", help="weights dtype to write")
+
+
+@command("convert", "convert a GGUF file or HF directory to an HF-format directory")
+@arguments(_convert_args)
+def run_convert(args: argparse.Namespace) -> None:
+    import tessera
+
+    loaded = tessera.load(args.source, dtype=args.dtype, device="cpu")
+    path = tessera.save(loaded, args.destination)
+    print(f"wrote {path} ({loaded.config.num_parameters() / 1e6:.1f}M parameters, "
+          f"{args.dtype})")
+
+
+# --------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (add_args, _run, help_text) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command][1](args)
+    except TesseraError as exc:
+        print(f"tessera: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tessera: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
