@@ -1,0 +1,80 @@
+"""`EngineConfig`: the serving engine's knobs, validated when built.
+
+The KV pool's size is given as at most one of `num_kv_blocks`, `kv_cache_tokens`,
+`kv_cache_memory_bytes`; with none, the engine takes the smaller of 1 GiB and what
+`max_num_seqs` sequences of the full context need. Speculative decoding is off unless
+`speculative_method` is "draft" (a draft model passed to the engine) or "ngram" (prompt
+lookup). It knows nothing about models or devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from tessera.errors import ConfigError
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+SPECULATIVE_METHODS = ("draft", "ngram")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # tokens computed per step, over all sequences
+    max_model_len: int | None = None  # None: the model's context (a smaller cap is allowed)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 4
+    ngram_min: int = 1
+    ngram_max: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens",
+                     "num_speculative_tokens", "ngram_min", "ngram_max"):
+            _check_positive(name, getattr(self, name))
+        for name in ("num_kv_blocks", "kv_cache_tokens", "kv_cache_memory_bytes",
+                     "max_model_len"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        sizes = [n for n in ("num_kv_blocks", "kv_cache_tokens", "kv_cache_memory_bytes")
+                 if getattr(self, n) is not None]
+        if len(sizes) > 1:
+            raise ConfigError(f"give the KV cache size one way, not {' and '.join(sizes)}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ConfigError(f"kv_cache_tokens ({self.kv_cache_tokens}) is smaller than one "
+                              f"block ({self.block_size} tokens)")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        method = self.speculative_method
+        if method is not None and method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"speculative_method must be one of {SPECULATIVE_METHODS} or "
+                              f"None, got {method!r}")
+        if self.ngram_min > self.ngram_max:
+            raise ConfigError(f"ngram_min ({self.ngram_min}) must be <= ngram_max "
+                              f"({self.ngram_max})")
+        if method is not None and self.max_num_batched_tokens <= self.num_speculative_tokens:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must exceed "
+                f"num_speculative_tokens ({self.num_speculative_tokens}) to verify a draft"
+            )
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """Slots a decoding sequence reserves beyond its next token (0 without drafts)."""
+        return self.num_speculative_tokens if self.speculative_method else 0
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
