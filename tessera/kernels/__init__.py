@@ -4,6 +4,13 @@ Importing this package registers every op's torch reference and, where Triton im
 the Triton implementations (picked automatically on CUDA).
 """
 
-from tessera.kernels import registry, rms_norm, swiglu  # noqa: F401  (register the ops)
+from tessera.kernels import (  # noqa: F401  (importing registers the ops)
+    flash_attention,
+    fused_kd_loss,
+    paged_decode,
+    registry,
+    rms_norm,
+    swiglu,
+)
 
 __all__ = ["registry"]

@@ -1,0 +1,111 @@
+"""SwiGLU kernel (Tessera's Triton) against eager torch `F.silu(gate) * up` and a copy ceiling.
+
+    python benchmarks/bench_swiglu.py --out swiglu.json
+    python benchmarks/bench_swiglu.py --rows 4096 --width 14336 --dtype fp16
+
+Defaults: gate and up of M=8192 tokens x F=11008, bf16, on one CUDA device. `fwd` reads
+gate and up and writes y; `bwd` reads dy, gate and up and writes dgate and dup. GB/s counts
+those tensors once each for every implementation (effective bandwidth); `copy` moves the
+same bytes with `copy_`, the practical ceiling. Timing: CUDA events via
+`triton.testing.do_bench`, median after warm-up, L2 flushed between runs. The ratio columns
+divide a baseline's time by a row's time (> 1 means faster than that baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tessera
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from tessera.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TENSORS_MOVED = {"fwd": 3, "bwd": 5}  # [M, F] tensors read plus written
+BASELINES = ("torch-eager", "copy")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--width", type=int, default=11008)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    return parser.parse_args()
+
+
+def copy_ceiling(like: torch.Tensor, num_tensors: int):
+    """A copy moving `num_tensors` tensors of like's size: half read, half written."""
+    src = torch.empty(like.numel() * num_tensors // 2, dtype=like.dtype, device=like.device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def cases(gate, up, dy) -> dict[str, dict[str, object]]:
+    """pass -> implementation -> zero-argument callable."""
+    def backward(fn):
+        g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+        y = fn(g, u)
+        return lambda: torch.autograd.grad(y, (g, u), dy, retain_graph=True)
+
+    return {
+        "fwd": {"tessera-triton": lambda: swiglu(gate, up),
+                "torch-eager": lambda: swiglu_reference(gate, up)},
+        "bwd": {"tessera-triton": backward(swiglu), "torch-eager": backward(swiglu_reference)},
+    }
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    dtype, shape = DTYPES[args.dtype], (args.rows, args.width)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gate, up, dy = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen)
+                    for _ in range(3))
+    with torch.no_grad():
+        error = (swiglu(gate, up).float() - swiglu_reference(gate, up).float()).abs().max()
+    print(f"max |tessera - eager| forward: {error.item():.2e}")
+    rows = []
+    for direction, impls in cases(gate, up, dy).items():
+        num_bytes = TENSORS_MOVED[direction] * gate.numel() * gate.element_size()
+        impls = {**impls, "copy": copy_ceiling(gate, TENSORS_MOVED[direction])}
+        for name, fn in impls.items():
+            ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
+            rows.append({"pass": direction, "impl": name, "ms": ms, "gbps": num_bytes / ms / 1e6})
+    for row in rows:
+        base = {r["impl"]: r["ms"] for r in rows if r["pass"] == row["pass"]}
+        row["speedup_vs"] = {b: base[b] / row["ms"] for b in BASELINES}
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'pass':4} {'impl':15} {'ms':>8} {'GB/s':>7}"
+          + "".join(f" {'vs ' + b:>14}" for b in BASELINES))
+    for r in rows:
+        ratios = "".join(f" {r['speedup_vs'][b]:>13.2f}x" for b in BASELINES)
+        print(f"{r['pass']:4} {r['impl']:15} {r['ms']:8.4f} {r['gbps']:7.0f}{ratios}")
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_swiglu.py needs a CUDA device")
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+          f"{triton.__version__}  {vars(args)}")
+    rows = run(args)
+    print_table(rows)
+    if args.out:
+        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                  "triton": triton.__version__,
+                  "config": {k: str(v) if isinstance(v, Path) else v
+                             for k, v in vars(args).items()},
+                  "results": rows}
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
