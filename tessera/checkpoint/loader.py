@@ -81,6 +81,11 @@ def load(source: str | Path, dtype: torch.dtype | str | None = None,
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype, device)
     path = resolve(str(source))
+    if path.is_dir():
+        from tessera.quant.checkpoint import is_quantized, load_quantized  # lazy: no cycle
+
+        if is_quantized(path):
+            return load_quantized(path, dtype=dtype, device=device, source=str(source))
     config, state, tokenizer = read_source(path)
     model = model_from_state(config, state, str(path), device=device, dtype=dtype)
     return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(source))
