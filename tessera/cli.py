@@ -49,6 +49,7 @@ def run_info(args: argparse.Namespace) -> None:
     import torch
 
     import tessera.model  # noqa: F401  (registers the attention op)
+    import tessera.serve.paged_attention  # noqa: F401  (registers the paged attention op)
     from tessera.config import PRESETS
     from tessera.kernels import registry
 
@@ -144,6 +145,61 @@ def run_convert(args: argparse.Namespace) -> None:
     path = tessera.save(loaded, args.destination)
     print(f"wrote {path} ({loaded.config.num_parameters() / 1e6:.1f}M parameters, "
           f"{args.dtype})")
+
+
+# ------------------------------------------------------------------------------ distill
+def _distill_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML run config (default: the "
+                        "quickstart, spelled out in configs/quickstart.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. trainer.max_steps=20 output_dir=runs/x")
+
+
+@command("distill", "distill a teacher into a smaller student (resumes an unfinished run)")
+@arguments(_distill_args)
+def run_distill(args: argparse.Namespace) -> None:
+    from tessera.distill.run_config import load_run_config
+    from tessera.distill.trainer import distill
+
+    distill(load_run_config(args.config, args.overrides))
+
+
+# --------------------------------------------------------------------------------- eval
+def _eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="HF directory, .gguf file or registered name")
+    parser.add_argument("--corpus", nargs="+", default=["python-stdlib"],
+                        help="corpus sources (files, directories, globs, file.jsonl:field, "
+                        "python-stdlib)")
+    parser.add_argument("--teacher", default=None, help="also report the teacher's "
+                        "perplexity, KL(teacher||model) and top-1 agreement")
+    parser.add_argument("--split", choices=("val", "train"), default="val")
+    parser.add_argument("--val-fraction", type=float, default=0.02)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--num-sequences", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _model_args(parser)
+
+
+@command("eval", "held-out perplexity of a model, and its agreement with a teacher")
+@arguments(_eval_args)
+def run_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from tessera.distill.evaluate import evaluate_sources
+
+    result = evaluate_sources(args.model, args.corpus, teacher_source=args.teacher,
+                              seq_len=args.seq_len, num_sequences=args.num_sequences,
+                              val_fraction=args.val_fraction, split=args.split,
+                              device=args.device, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{args.model}: perplexity {result['ppl']:.3f} on {result['tokens']} tokens "
+          f"({result['sequences']} sequences of the {args.split} split)")
+    if args.teacher:
+        print(f"{args.teacher}: perplexity {result['teacher_ppl']:.3f}")
+        print(f"KL(teacher||model) {result['kl']:.4f} nats/token, top-1 agreement "
+              f"{100 * result['agreement']:.1f}%")
 
 
 # --------------------------------------------------------------------------------- main
