@@ -20,7 +20,8 @@ Every micro-batch loss is normalised by the token counts of the whole global bat
 over micro-batches and ranks), so k accumulated micro-batches give the gradient of the one
 big batch, and N ranks give the gradient of one process. Packed documents do not attend to
 each other (see `evaluate.run_batch`). On CUDA the forward runs under bf16 autocast; the
-student's master weights and the optimizer stay in float32.
+student's master weights and the optimizer stay in float32. A hard-label-only run
+(`kd_weight 0`, no hidden matching) skips the teacher's forward pass in training.
 
 One optimizer step syncs the device with the host once, deliberately, to log its loss.
 """

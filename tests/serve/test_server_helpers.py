@@ -61,6 +61,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
+        self.log_path.unlink(missing_ok=True)
 
 
 def start_server(*extra_args: str, api_key: str | None = None) -> Server:
