@@ -1,6 +1,7 @@
 """The `tessera` command line: one entry point, one small function per subcommand.
 
-Every subcommand parses its arguments, calls the library and prints. A `TesseraError`
+Every subcommand parses its arguments, calls the library and prints; one that returns an int
+sets the exit status (`bench serve`: 1 when a request failed), else it is 0. A `TesseraError`
 (bad input: a missing file, a corrupt checkpoint, a wrong config) is printed as one line,
 `tessera: error: ...`, with exit status 2 and no traceback; anything else is a bug and keeps
 its traceback.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tessera.errors import TesseraError
 
@@ -202,6 +204,100 @@ def run_eval(args: argparse.Namespace) -> None:
               f"{100 * result['agreement']:.1f}%")
 
 
+# -------------------------------------------------------------------------------- serve
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    from tessera.serve.cli_args import add_serve_arguments
+
+    add_serve_arguments(parser)
+
+
+@command("serve", "serve a model over an OpenAI-compatible HTTP API until SIGTERM")
+@arguments(_serve_args)
+def run_serve(args: argparse.Namespace) -> None:
+    from tessera.serve.api import serve_from_args
+
+    serve_from_args(args)
+
+
+# -------------------------------------------------------------------------------- bench
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    from tessera.serve.cli_args import add_bench_arguments
+
+    targets = parser.add_subparsers(dest="target", required=True, metavar="TARGET")
+    help_text = "load-test an OpenAI-compatible server (exit status 1 if a request failed)"
+    add_bench_arguments(targets.add_parser("serve", help=help_text, description=help_text))
+
+
+@command("bench", "benchmarks: `bench serve` measures a running server's throughput and "
+         "latency")
+@arguments(_bench_args)
+def run_bench(args: argparse.Namespace) -> int:
+    from tessera.serve.bench import bench_from_args
+
+    summary = bench_from_args(args)
+    return 0 if summary["num_failed"] == 0 else 1
+
+
+# ----------------------------------------------------------------------------- quantize
+def _quantize_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="HF directory, .gguf file or registered name")
+    parser.add_argument("destination", help="output quantized HF-format directory")
+    parser.add_argument("--method", required=True, help="int8, int4, awq or fp8")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 and awq: the "
+                        "largest quantization group (a multiple of 16; default 128)")
+    parser.add_argument("--bits", type=int, default=None, help="awq: 4 (group-wise int4, "
+                        "the default) or 8 (per-channel int8)")
+    parser.add_argument("--skip", nargs="+", default=None, metavar="PATTERN",
+                        help="fnmatch patterns of Linear names left unquantized (default: "
+                        "lm_head, which must stay in the list)")
+    parser.add_argument("--calibration-source", default=None, help="awq: calibration "
+                        "corpus (files, directories, globs, file.jsonl:field, python-stdlib)")
+    parser.add_argument("--calibration-tokens", type=int, default=None,
+                        help="awq: calibration tokens read from the corpus")
+    parser.add_argument("--calibration-seq-len", type=int, default=None,
+                        help="awq: tokens per calibration window")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="awq: documents held out from calibration (the eval split)")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="awq: activation rows per layer input kept for the scale search")
+    parser.add_argument("--num-grid", type=int, default=None, metavar="N",
+                        help="awq: the scale search tries exponents 0, 1/N, ..., 1")
+    parser.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                        default=None, help="fp8: one weight scale per tensor instead of one "
+                        "per output channel")
+    parser.add_argument("--activations", default=None, help="fp8: dynamic (activations "
+                        "quantized per token, the default) or none (weight-only)")
+    _model_args(parser)
+
+
+QUANT_OPTIONS = ("group_size", "bits", "skip", "calibration_source", "calibration_tokens",
+                 "calibration_seq_len", "val_fraction", "max_samples", "num_grid",
+                 "per_channel", "activations")
+
+
+@command("quantize", "quantize a model's Linear layers (int8, int4, awq, fp8) into a new "
+         "directory")
+@arguments(_quantize_args)
+def run_quantize(args: argparse.Namespace) -> None:
+    from tessera.checkpoint.registry import resolve
+    from tessera.quant.checkpoint import quantize_checkpoint
+    from tessera.quant.config import QuantConfig
+
+    options = {name: getattr(args, name) for name in QUANT_OPTIONS
+               if getattr(args, name) is not None}
+    QuantConfig.build(args.method, **options)  # a bad method or option fails before loading
+    path = quantize_checkpoint(args.source, args.destination, args.method, dtype=args.dtype,
+                               device=args.device, **options)
+    print(f"wrote {path} ({args.method}, {_megabytes(path)} MB on disk; source "
+          f"{_megabytes(resolve(args.source))} MB)")
+
+
+def _megabytes(path: Path) -> str:
+    """Size on disk of a file or a directory's files, in MB."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return f"{sum(p.stat().st_size for p in files) / 1e6:.1f}"
+
+
 # --------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description=__doc__.splitlines()[0])
@@ -214,14 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command][1](args)
+        status = COMMANDS[args.command][1](args)
     except TesseraError as exc:
         print(f"tessera: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tessera: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import contextlib
 import functools
 import hmac
 import logging
-import os
 import signal
 import sys
 import uuid
@@ -52,6 +51,7 @@ from tessera.serve.async_engine import (
     EngineNotRunningError,
     QueueFullError,
 )
+from tessera.serve.cli_args import add_serve_arguments
 from tessera.serve.config import EngineConfig
 from tessera.serve.engine import LLMEngine
 from tessera.serve.metrics import ServerMetrics
@@ -466,42 +466,20 @@ def _run_uvicorn(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
 
 
 # ---------------------------------------------------------------------- command line
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `tessera serve` (also `python -m tessera.serve.api`)."""
-    parser.add_argument("model", help="HF directory, .gguf file or registered name")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", default=None,
-                        help="the model name clients send (default: the model argument)")
-    parser.add_argument("--api-key", default=os.environ.get("TESSERA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1 routes "
-                        "(default: $TESSERA_API_KEY, else no key)")
-    parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
-                        help="queued requests beyond which new ones get HTTP 429")
-    parser.add_argument("--draft", default=None, help="draft model for speculative decoding")
-    parser.add_argument("--speculative-method", choices=("draft", "ngram"), default=None)
-    parser.add_argument("--num-speculative-tokens", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=None)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--kv-cache-tokens", type=int, default=None)
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads "
-                        "(default: one per core; 1 is faster on a CPU shared with other "
-                        "busy processes)")
-    parser.add_argument("--log-level", default="info")
-
-
 ENGINE_ARGS = ("speculative_method", "num_speculative_tokens", "max_num_seqs",
-               "max_model_len", "kv_cache_tokens")
+               "max_num_batched_tokens", "max_model_len", "block_size", "kv_cache_tokens",
+               "enforce_eager")
 
 
 def serve_from_args(args: argparse.Namespace) -> None:
+    """Run `serve` with the options of `add_serve_arguments`; those left out (None) keep
+    `serve`'s and `EngineConfig`'s defaults."""
     engine_args = {name: getattr(args, name) for name in ENGINE_ARGS
                    if getattr(args, name) is not None}
+    max_waiting = args.max_waiting if args.max_waiting is not None else DEFAULT_MAX_WAITING
     serve(args.model, host=args.host, port=args.port, draft=args.draft,
           served_model_name=args.served_model_name, api_key=args.api_key or None,
-          max_waiting=args.max_waiting, dtype=args.dtype, device=args.device,
+          max_waiting=max_waiting, dtype=args.dtype, device=args.device,
           threads=args.threads, log_level=args.log_level, **engine_args)
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from tessera.errors import ConfigError, TesseraError
+from tessera.serve.cli_args import add_bench_arguments
 
 PROMPT_TOKEN_LIMIT = 10_000
 REQUEST_TIMEOUT_S = 600.0
@@ -188,18 +189,6 @@ def format_table(summary: dict) -> str:
         lines.append(f"{label:<16}{s['mean']:>10.1f}{s['p50']:>10.1f}{s['p99']:>10.1f}")
     lines += [f"error: {e}" for e in summary["errors"]]
     return "\n".join(lines)
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `tessera bench serve` (also `python -m tessera.serve.bench`)."""
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--model", default=None, help="default: the server's first model")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="also write the summary here as JSON")
 
 
 def bench_from_args(args: argparse.Namespace) -> dict:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ MODEL = "smollm2-135m-instruct"
 MAX_MODEL_LEN = 1024
 START_TIMEOUT_S = 240.0  # loading takes seconds; a busy 2-core machine stretches that
 REQUEST_TIMEOUT_S = 120.0
+SERVE_COMMAND = (sys.executable, "-m", "tessera.serve.api")
 
 
 def free_port() -> int:
@@ -64,11 +66,12 @@ class Server:
         self.log_path.unlink(missing_ok=True)
 
 
-def start_server(*extra_args: str, api_key: str | None = None) -> Server:
-    """Start a server and wait (bounded) until /health answers 200."""
+def start_server(*extra_args: str, api_key: str | None = None,
+                 command: Sequence[str] = SERVE_COMMAND, model: str = MODEL) -> Server:
+    """Start a server (`command model ...`) and wait (bounded) until /health answers 200."""
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="tessera-server-", suffix=".log")[1])
-    args = [sys.executable, "-m", "tessera.serve.api", MODEL, "--port", str(port),
+    args = [*command, model, "--port", str(port),
             "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", *extra_args]
     if api_key is not None:
         args += ["--api-key", api_key]
