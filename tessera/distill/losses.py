@@ -62,12 +62,14 @@ REDUCTIONS = ("mean", "sum")
 SCHEDULES = ("constant", "linear", "cosine")
 HIDDEN_KINDS = ("mse", "cosine")
 IGNORE_INDEX = -100
+FUSED_AUTO = "auto"  # KDLossConfig.fused: the trainer decides
 
 
 # --------------------------------------------------------------------------- options
 @dataclass(frozen=True)
-class _LossSpec:
-    """The validated options one chunk needs."""
+class LossSpec:
+    """The validated options one chunk needs (built by `loss_spec`); `use_ce` says whether
+    the hard-label cross-entropy is computed at all."""
 
     loss: str
     temperature: float
@@ -76,9 +78,14 @@ class _LossSpec:
     use_ce: bool
 
 
-def _check_options(*, loss: str, temperature: float, beta: float, alpha: float,
-                   kd_weight: float, ce_weight: float, chunk_size: int,
-                   reduction: str) -> None:
+def check_options(*, loss: str, temperature: float, beta: float, alpha: float,
+                  kd_weight: float, ce_weight: float, chunk_size: int,
+                  reduction: str) -> None:
+    """Raise `ConfigError` naming the first option of a loss call that is out of range.
+
+    Every entry point of this module (and the fused kernel op) checks its options with it,
+    so that all of them refuse the same values with the same message.
+    """
     if loss not in LOSSES:
         raise ConfigError(f"unknown distillation loss {loss!r}; expected one of {LOSSES}")
     if reduction not in REDUCTIONS:
@@ -104,6 +111,11 @@ class KDLossConfig:
     reached at the last step along `temperature_schedule`. `hidden_weight` > 0 adds
     hidden-state matching (see `tessera.distill.hidden`) over `layer_map`
     (student layer -> teacher layer; 0 = embeddings, i = output of block i).
+
+    `fused` chooses how a trainer computes the logit loss, not what it is: True applies the
+    LM heads inside the loss (the kernel op "fused_linear_kd_loss"), False computes it on
+    whole logits (`distill_loss`), "auto" lets the trainer pick (see
+    `tessera.distill.trainer.uses_fused_loss`). The two differ only by rounding.
     """
 
     loss: str = "forward_kl"
@@ -119,15 +131,16 @@ class KDLossConfig:
     hidden_weight: float = 0.0
     hidden_kind: str = "mse"
     layer_map: dict[int, int] = field(default_factory=dict)
+    fused: bool | str = FUSED_AUTO
 
     def __post_init__(self) -> None:
-        _check_options(loss=self.loss, temperature=self.temperature, beta=self.beta,
-                       alpha=self.alpha, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
-                       chunk_size=self.chunk_size, reduction=self.reduction)
+        check_options(loss=self.loss, temperature=self.temperature, beta=self.beta,
+                      alpha=self.alpha, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
+                      chunk_size=self.chunk_size, reduction=self.reduction)
         if self.final_temperature is not None:
-            _check_options(loss=self.loss, temperature=self.final_temperature, beta=0.0,
-                           alpha=0.0, kd_weight=0.0, ce_weight=0.0, chunk_size=1,
-                           reduction="mean")
+            check_options(loss=self.loss, temperature=self.final_temperature, beta=0.0,
+                          alpha=0.0, kd_weight=0.0, ce_weight=0.0, chunk_size=1,
+                          reduction="mean")
         if self.temperature_schedule not in SCHEDULES:
             raise ConfigError(f"unknown temperature_schedule {self.temperature_schedule!r}; "
                               f"expected one of {SCHEDULES}")
@@ -144,6 +157,8 @@ class KDLossConfig:
         if self.hidden_weight > 0 and not layer_map:
             raise ConfigError("hidden_weight > 0 needs a non-empty layer_map")
         object.__setattr__(self, "layer_map", layer_map)
+        if not (isinstance(self.fused, bool) or self.fused == FUSED_AUTO):
+            raise ConfigError(f"fused must be true, false or {FUSED_AUTO!r}, got {self.fused!r}")
 
     def temperature_at(self, step: int, total_steps: int) -> float:
         end = self.temperature if self.final_temperature is None else self.final_temperature
@@ -230,7 +245,7 @@ def soft_loss_rows(log_q: torch.Tensor, log_p: torch.Tensor, loss: str, *,
 
 # --------------------------------------------------------------------------- chunks
 def _chunk_sums(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
-                labels: torch.Tensor | None, spec: _LossSpec) -> torch.Tensor:
+                labels: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
     """`[2]`: (soft-loss sum, CE sum) over the masked tokens of one chunk, in float32 (or
     float64 for float64 inputs)."""
     s = _upcast(student)
@@ -278,8 +293,10 @@ class LossParts:
     num_label_tokens: torch.Tensor  # masked tokens with a label in this call
 
 
-def _flatten_mask(mask: torch.Tensor | None, lead: torch.Size,
-                  device: torch.device) -> torch.Tensor:
+def flatten_mask(mask: torch.Tensor | None, lead: torch.Size,
+                 device: torch.device) -> torch.Tensor:
+    """The mask as bool `[N]` over the `N = lead.numel()` tokens (all True when None);
+    `ConfigError` if its shape is not the inputs' token dims `lead`."""
     if mask is None:
         return torch.ones(lead.numel(), dtype=torch.bool, device=device)
     if tuple(mask.shape) != tuple(lead):
@@ -288,7 +305,9 @@ def _flatten_mask(mask: torch.Tensor | None, lead: torch.Size,
     return mask.reshape(-1) != 0
 
 
-def _flatten_labels(labels: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
+def flatten_labels(labels: torch.Tensor | None, lead: torch.Size) -> torch.Tensor | None:
+    """The labels as int64 `[N]` (None stays None); `ConfigError` if their shape is not the
+    inputs' token dims `lead`."""
     if labels is None:
         return None
     if tuple(labels.shape) != tuple(lead):
@@ -306,14 +325,17 @@ def _reduce(sums: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None,
     soft, ce = sums[0], sums[1]
     if reduction == "mean":
         # Tensors, not Python ints: no device->host sync. Empty counts divide by 1 (loss 0).
-        soft = soft / _denominator(num_tokens, count)
-        ce = ce / _denominator(num_label_tokens, label_count)
+        soft = soft / mean_denominator(num_tokens, count)
+        ce = ce / mean_denominator(num_label_tokens, label_count)
     loss = kd_weight * soft + ce_weight * ce
     return LossParts(loss=loss, soft=soft.detach(), ce=ce.detach(), num_tokens=count,
                      num_label_tokens=label_count)
 
 
-def _denominator(given: int | torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
+def mean_denominator(given: int | torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
+    """float32 scalar that reduction 'mean' divides a sum by: the global count `given`
+    (`num_tokens` / `num_label_tokens`) if there is one, else the call's own count `local`;
+    at least 1, so that no tokens give a loss of 0. Stays on the device (no sync)."""
     value = local if given is None else torch.as_tensor(given, device=local.device)
     return value.to(torch.float32).clamp_min(1.0)
 
@@ -328,9 +350,9 @@ def distill_loss_parts(
     num_label_tokens: int | torch.Tensor | None = None,
 ) -> LossParts:
     """`distill_loss`, returning the parts and token counts as well."""
-    _check_options(loss=loss, temperature=temperature, beta=beta, alpha=alpha,
-                   kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=chunk_size,
-                   reduction=reduction)
+    check_options(loss=loss, temperature=temperature, beta=beta, alpha=alpha,
+                  kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=chunk_size,
+                  reduction=reduction)
     if student_logits.shape != teacher_logits.shape:
         raise ConfigError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -340,9 +362,9 @@ def distill_loss_parts(
     lead = student_logits.shape[:-1]
     s = student_logits.reshape(-1, vocab)
     t = teacher_logits.reshape(-1, vocab)
-    m = _flatten_mask(mask, lead, s.device)
-    y = _flatten_labels(labels, lead)
-    spec = _spec(loss, temperature, beta, alpha, y, ce_weight)
+    m = flatten_mask(mask, lead, s.device)
+    y = flatten_labels(labels, lead)
+    spec = loss_spec(loss, temperature, beta, alpha, y, ce_weight)
 
     def chunk_fn(start: int, end: int) -> torch.Tensor:
         y_chunk = None if y is None else y[start:end]
@@ -377,20 +399,20 @@ def kd_loss_from_hidden_parts(
     num_label_tokens: int | torch.Tensor | None = None,
 ) -> LossParts:
     """`kd_loss_from_hidden`, returning the parts and token counts as well."""
-    _check_options(loss=loss, temperature=temperature, beta=beta, alpha=alpha,
-                   kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=chunk_size,
-                   reduction=reduction)
+    check_options(loss=loss, temperature=temperature, beta=beta, alpha=alpha,
+                  kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=chunk_size,
+                  reduction=reduction)
     dim = student_hidden.shape[-1]
     lead = student_hidden.shape[:-1]
     if student_lm_head_weight.dim() != 2 or student_lm_head_weight.shape[1] != dim:
         raise ConfigError(f"student lm_head weight {tuple(student_lm_head_weight.shape)} "
                           f"does not map hidden size {dim} to a vocabulary ([V, {dim}])")
     h = student_hidden.reshape(-1, dim)
-    teacher_chunk = _teacher_chunks(teacher_logits, teacher_hidden, teacher_lm_head_weight,
+    teacher_chunk = teacher_chunks(teacher_logits, teacher_hidden, teacher_lm_head_weight,
                                     lead, student_lm_head_weight.shape[0])
-    m = _flatten_mask(mask, lead, h.device)
-    y = _flatten_labels(labels, lead)
-    spec = _spec(loss, temperature, beta, alpha, y, ce_weight)
+    m = flatten_mask(mask, lead, h.device)
+    y = flatten_labels(labels, lead)
+    spec = loss_spec(loss, temperature, beta, alpha, y, ce_weight)
 
     def chunk_fn(start: int, end: int) -> torch.Tensor:
         student = h[start:end] @ student_lm_head_weight.t()  # [chunk, V]
@@ -419,10 +441,13 @@ def kd_loss_from_hidden(student_hidden: torch.Tensor, student_lm_head_weight: to
                                      **options).loss
 
 
-def _teacher_chunks(teacher_logits: torch.Tensor | None, teacher_hidden: torch.Tensor | None,
-                    teacher_weight: torch.Tensor | None, lead: torch.Size,
-                    vocab: int) -> Callable[[int, int], torch.Tensor]:
-    """A function returning the teacher's logits for tokens [start, end)."""
+def teacher_chunks(teacher_logits: torch.Tensor | None, teacher_hidden: torch.Tensor | None,
+                   teacher_weight: torch.Tensor | None, lead: torch.Size,
+                   vocab: int) -> Callable[[int, int], torch.Tensor]:
+    """A function returning the teacher's (detached) logits `[end - start, V]` for the
+    flattened tokens [start, end): slices of `teacher_logits`, or `teacher_hidden` times the
+    teacher's LM head, computed per call. Checks the teacher's shapes against the student's
+    token dims `lead` and vocabulary (`ConfigError`)."""
     if (teacher_logits is None) == (teacher_hidden is None):
         raise ConfigError("give the teacher as exactly one of teacher_logits or teacher_hidden")
     if teacher_logits is not None:
@@ -442,11 +467,13 @@ def _teacher_chunks(teacher_logits: torch.Tensor | None, teacher_hidden: torch.T
     return lambda start, end: flat[start:end] @ weight.t()
 
 
-def _spec(loss: str, temperature: float, beta: float, alpha: float,
-          labels: torch.Tensor | None, ce_weight: float) -> _LossSpec:
+def loss_spec(loss: str, temperature: float, beta: float, alpha: float,
+              labels: torch.Tensor | None, ce_weight: float) -> LossSpec:
+    """The `LossSpec` of a call (options already checked by `check_options`); the CE is on
+    when `ce_weight > 0`, which then needs labels (`ConfigError` otherwise)."""
     if ce_weight > 0 and labels is None:
         raise ConfigError("ce_weight > 0 needs labels for the hard-label cross-entropy")
-    return _LossSpec(loss, float(temperature), beta, alpha, labels is not None and ce_weight > 0)
+    return LossSpec(loss, float(temperature), beta, alpha, labels is not None and ce_weight > 0)
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:

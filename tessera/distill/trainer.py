@@ -23,6 +23,11 @@ each other (see `evaluate.run_batch`). On CUDA the forward runs under bf16 autoc
 student's master weights and the optimizer stay in float32. A hard-label-only run
 (`kd_weight 0`, no hidden matching) skips the teacher's forward pass in training.
 
+The KD (+ CE) term runs through one call, `registry.get("fused_linear_kd_loss", device)`
+(the LM heads applied inside the loss: the Triton kernel on CUDA, its torch reference on
+CPU), or on whole logits through `distill_loss`, as `loss.fused` says; its default `auto`
+fuses on CUDA with unsharded models (`uses_fused_loss`). Setup logs the path taken.
+
 One optimizer step syncs the device with the host once, deliberately, to log its loss.
 """
 
@@ -48,7 +53,7 @@ import torch.nn.functional as F
 from tessera.distill import checkpointing as ckpt
 from tessera.distill.evaluate import eval_batches, evaluate, flat_view, open_split, run_batch
 from tessera.distill.hidden import HiddenStateMatcher
-from tessera.distill.losses import distill_loss_parts, kd_loss_from_hidden_parts
+from tessera.distill.losses import FUSED_AUTO, LossParts, distill_loss_parts
 from tessera.distill.report import (
     REPORT,
     ScalarLog,
@@ -69,11 +74,16 @@ from tessera.distill.student import (
     resolve_student_config,
 )
 from tessera.errors import ConfigError, DataError
+from tessera.kernels import registry
+from tessera.kernels.fused_kd_loss import FUSED_LOSSES
 from tessera.parallel import fsdp
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 STUDENT_DIR = "student"
+FUSED_LOSS_OP = "fused_linear_kd_loss"  # registered by tessera.kernels.fused_kd_loss
+_SHARDED_FUSED = ("loss.fused=true needs whole LM head weights, but with several ranks the "
+                  "models are sharded (FSDP); set loss.fused=auto or loss.fused=false")
 Echo = Callable[[str], None]
 
 
@@ -116,6 +126,7 @@ def distill(config: RunConfig, *, echo: Echo = print) -> dict[str, Any]:
     try:
         out = check_output_dir(config)
         preflight_corpus(config)
+        preflight_fused_loss(config, env)
         run = setup(config, env, out, say)
         record_run(config, env, out)
         run.history.setdefault("setup_s", time.perf_counter() - started)
@@ -197,6 +208,13 @@ def preflight_corpus(config: RunConfig) -> None:
                             "data.val_fraction")
 
 
+def preflight_fused_loss(config: RunConfig, env: fsdp.DistributedEnv) -> None:
+    """Refuse `loss.fused: true` with several ranks before any model is loaded (see
+    `uses_fused_loss`)."""
+    if config.loss.fused is True and env.is_distributed:
+        raise ConfigError(_SHARDED_FUSED)
+
+
 # --------------------------------------------------------------------------- setup
 def setup(config: RunConfig, env: fsdp.DistributedEnv, out: Path, say: Echo) -> Run:
     tc = config.trainer
@@ -217,10 +235,12 @@ def setup(config: RunConfig, env: fsdp.DistributedEnv, out: Path, say: Echo) -> 
     trainable = nn.ModuleDict({"student": student} | ({"matcher": matcher} if matcher else {}))
     optimizer = make_optimizer(trainable, tc)
     scheduler = make_scheduler(optimizer, tc)
-    return Run(config=config, env=env, out=out, teacher=teacher, student=student,
-               student_config=student_config, layers=layers, matcher=matcher,
-               trainable=trainable, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
-               train_data=train_data, val_batches=val_batches, counts=counts)
+    run = Run(config=config, env=env, out=out, teacher=teacher, student=student,
+              student_config=student_config, layers=layers, matcher=matcher,
+              trainable=trainable, optimizer=optimizer, scheduler=scheduler, sampler=sampler,
+              train_data=train_data, val_batches=val_batches, counts=counts)
+    say(f"loss: {describe_loss_path(run)}")
+    return run
 
 
 def _describe_student(layers: list[int] | None) -> str:
@@ -371,13 +391,41 @@ def global_counts(batches: list, device: torch.device) -> torch.Tensor:
     return fsdp.all_reduce_sum(counts)
 
 
-def uses_fused_head(run: Run) -> bool:
-    """Apply the LM heads inside the loss, chunk by chunk, on CUDA only: there it keeps the
-    `[N, V]` logits from being materialised; on CPU memory is plentiful and the fused path
-    would recompute both heads in the backward pass. Sharded models always take the
-    logits path (their head weights are only whole inside their forward)."""
+def uses_fused_loss(run: Run) -> bool:
+    """Whether the logit loss goes through the fused op FUSED_LOSS_OP (the LM heads applied
+    inside the loss, chunk by chunk) rather than through `distill_loss` on whole logits.
+
+    `loss.fused: true` always, `false` never; `auto` on CUDA only: there the op's Triton
+    kernel never materialises the `[N, V]` logits; on CPU memory is plentiful and the op's
+    torch reference would recompute both heads in the backward pass. Sharded models cannot
+    (their head weights are only whole inside their forward): `auto` takes the logits path
+    there, `true` is an error.
+    """
+    fused = run.config.loss.fused
     sharded = fsdp.is_sharded(run.student) or fsdp.is_sharded(run.teacher.model)
-    return run.device.type == "cuda" and not sharded
+    if fused == FUSED_AUTO:
+        return run.device.type == "cuda" and not sharded
+    if fused and sharded:
+        raise ConfigError(_SHARDED_FUSED)
+    return fused
+
+
+def describe_loss_path(run: Run) -> str:
+    """One line saying how the training loss is computed (logged at setup, in the report)."""
+    cfg = run.config.loss
+    if not needs_teacher(cfg):
+        return "hard-label cross-entropy on whole logits (no teacher forward in training)"
+    if not uses_fused_loss(run):
+        return f"{cfg.loss} on whole logits (loss.fused={_yaml_value(cfg.fused)})"
+    backend = registry.select(FUSED_LOSS_OP, run.device).backend
+    line = f"{cfg.loss} through the fused LM head + KD op ({FUSED_LOSS_OP}, {backend} backend)"
+    if backend != "torch" and cfg.loss not in FUSED_LOSSES:
+        line += f"; the kernel has no {cfg.loss}, the op runs its torch reference"
+    return line
+
+
+def _yaml_value(value: bool | str) -> str:
+    return str(value).lower() if isinstance(value, bool) else value
 
 
 def micro_step(run: Run, batch: Any, counts: torch.Tensor, step: int) -> torch.Tensor:
@@ -402,7 +450,7 @@ def _distill_loss(run: Run, batch: Any, counts: torch.Tensor, step: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = run.config.loss
     _ids, _pos, labels, mask = flat_view(batch)
-    fused = uses_fused_head(run)
+    fused = uses_fused_loss(run)
     s_layers = list(cfg.layer_map) if run.matcher else []
     t_layers = list(cfg.layer_map.values()) if run.matcher else []
     with torch.no_grad():
@@ -411,19 +459,29 @@ def _distill_loss(run: Run, batch: Any, counts: torch.Tensor, step: int
     s_out = run_batch(run.student, batch, hidden_layers=s_layers, compute_logits=not fused)
     kwargs = cfg.loss_kwargs(step, run.config.trainer.max_steps) | {
         "labels": labels, "num_tokens": counts[0], "num_label_tokens": counts[1]}
-    if fused:
-        parts = kd_loss_from_hidden_parts(
-            s_out.last_hidden, run.student.lm_head.weight, mask,
-            teacher_hidden=t_out.last_hidden,
-            teacher_lm_head_weight=run.teacher.model.lm_head.weight, **kwargs)
-    else:
-        parts = distill_loss_parts(s_out.logits, t_out.logits, mask, **kwargs)
+    parts = logit_loss_parts(run, s_out, t_out, mask, kwargs, fused=fused)
     loss, hidden = parts.loss, torch.zeros((), device=run.device)
     if run.matcher is not None:
         share = mask.sum() / counts[0].clamp_min(1)  # local mean -> global mean
         hidden = run.matcher(s_out.hidden_states, t_out.hidden_states, mask) * share
         loss = loss + cfg.hidden_weight * hidden
     return loss, torch.stack([loss.detach(), parts.soft, parts.ce, hidden.detach()]).float()
+
+
+def logit_loss_parts(run: Run, s_out: Any, t_out: Any, mask: torch.Tensor,
+                     kwargs: dict[str, Any], *, fused: bool) -> LossParts:
+    """The KD (+ hard-label CE) term of one micro-batch from the student's and the teacher's
+    `ModelOutput`s: through FUSED_LOSS_OP (from their last hidden states and LM head
+    weights; the Triton kernel on CUDA, its torch reference elsewhere) or through
+    `distill_loss_parts` (from their logits). Both take the same options and reduce by the
+    global batch's token counts given in `kwargs` (`num_tokens`, `num_label_tokens`), so
+    they return the same loss and gradients up to rounding."""
+    if not fused:
+        return distill_loss_parts(s_out.logits, t_out.logits, mask, **kwargs)
+    op = registry.get(FUSED_LOSS_OP, run.device)
+    return op(s_out.last_hidden, run.student.lm_head.weight, mask,
+              teacher_hidden=t_out.last_hidden,
+              teacher_lm_head_weight=run.teacher.model.lm_head.weight, **kwargs)
 
 
 def _hard_label_loss(run: Run, batch: Any, counts: torch.Tensor
@@ -613,6 +671,7 @@ def build_report(run: Run, student_dir: Path, total_s: float) -> dict[str, Any]:
         "tokens_seen": run.history["tokens"],
         "world_size": run.env.world_size,
         "device": str(run.device),
+        "loss_path": describe_loss_path(run),
         "torch": torch.__version__,
         "timings": {"setup_s": run.history.get("setup_s"), "train_s": train_s,
                     "eval_s": run.history["eval_s"],

@@ -52,13 +52,13 @@ import torch
 from tessera.distill.losses import (
     IGNORE_INDEX,
     LossParts,
-    _check_options,
-    _denominator,
-    _flatten_labels,
-    _flatten_mask,
-    _spec,
-    _teacher_chunks,
+    check_options,
+    flatten_labels,
+    flatten_mask,
     kd_loss_from_hidden_parts,
+    loss_spec,
+    mean_denominator,
+    teacher_chunks,
 )
 from tessera.errors import ConfigError
 from tessera.kernels import registry
@@ -460,8 +460,8 @@ def _loss_weights(mask: torch.Tensor, labels: torch.Tensor | None, use_ce: bool,
     one = torch.ones((), device=mask.device)
     denominators = (one, one)
     if options["reduction"] == "mean":
-        denominators = (_denominator(options["num_tokens"], count),
-                        _denominator(options["num_label_tokens"], label_count))
+        denominators = (mean_denominator(options["num_tokens"], count),
+                        mean_denominator(options["num_label_tokens"], label_count))
     ce_weight = options["ce_weight"] if use_ce else 0.0
     weights = torch.stack([options["kd_weight"] / denominators[0],
                            ce_weight / denominators[1]]).float()
@@ -493,9 +493,9 @@ def fused_linear_kd_loss_parts(
     if loss not in FUSED_LOSSES or in_dtype not in _DTYPES or student_hidden.numel() == 0:
         return kd_loss_from_hidden_parts(student_hidden, student_lm_head_weight, mask,
                                          **options)
-    _check_options(loss=loss, temperature=temperature, beta=beta, alpha=alpha,
-                   kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=chunk_size,
-                   reduction=reduction)
+    check_options(loss=loss, temperature=temperature, beta=beta, alpha=alpha,
+                  kd_weight=kd_weight, ce_weight=ce_weight, chunk_size=chunk_size,
+                  reduction=reduction)
     return _fused_parts(student_hidden, student_lm_head_weight, mask, dtype,
                         options | {"loss": loss})
 
@@ -510,14 +510,14 @@ def _fused_parts(student_hidden: torch.Tensor, weight: torch.Tensor,
     teacher_hidden, teacher_weight = options["teacher_hidden"], options["teacher_lm_head_weight"]
     if teacher_hidden is not None and teacher_weight is not None:
         teacher_hidden, teacher_weight = _cast(teacher_hidden, dtype), _cast(teacher_weight, dtype)
-    teacher = _teacher_chunks(options["teacher_logits"], teacher_hidden, teacher_weight, lead,
-                              weight.shape[0])  # also checks the teacher's shapes
+    teacher = teacher_chunks(options["teacher_logits"], teacher_hidden, teacher_weight, lead,
+                             weight.shape[0])  # also checks the teacher's shapes
     h = _cast(student_hidden, dtype).reshape(-1, dim)
     h = h if h.is_contiguous() else h.contiguous()
-    m = _flatten_mask(mask, lead, h.device).contiguous()
-    y = _flatten_labels(options["labels"], lead)
-    spec = _spec(options["loss"], options["temperature"], options["beta"], options["alpha"],
-                 y, options["ce_weight"])
+    m = flatten_mask(mask, lead, h.device).contiguous()
+    y = flatten_labels(options["labels"], lead)
+    spec = loss_spec(options["loss"], options["temperature"], options["beta"],
+                     options["alpha"], y, options["ce_weight"])
     y = y.contiguous() if spec.use_ce else None
     weights, count, label_count, denominators = _loss_weights(m, y, spec.use_ce, options)
     kernel_options = {k: options[k] for k in ("loss", "temperature", "beta", "chunk_size")}
