@@ -12,6 +12,7 @@ from tessera.kernels import (  # noqa: F401  (importing registers the ops)
     paged_decode,
     registry,
     rms_norm,
+    rope,
     swiglu,
 )
 

@@ -11,9 +11,9 @@ Query i of sequence s sits at position `context_lens[s] - q_len_s + i` and atten
 scale 1/sqrt(D); query head h reads kv head `h // (H // KVH)`.
 
 The kernel is for decoding: `max_query_len <= MAX_QUERY_LEN` (one query per sequence, or a
-few for speculative verification). Longer queries (prefill chunks) go to the registered
-reference instead. Keys and values are read straight from the pool through the block table,
-one gathered row per token, so any block size works.
+few for speculative verification). Longer queries (prefill chunks) go to the next registered
+implementation (SDPA) instead. Keys and values are read straight from the pool through the
+block table, one gathered row per token, so any block size works.
 
 Pass 1: one program per (sequence, kv head, split). It holds every query row of the kv
 head's group (`q_len * H / KVH` rows, padded to a power of two >= 16) so that each key and
@@ -292,12 +292,13 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            cu_seqlens_q: torch.Tensor, max_query_len: int,
                            max_context_len: int) -> torch.Tensor:
     """The op "paged_attention": the decode kernel for `max_query_len <= MAX_QUERY_LEN`,
-    the registered reference for longer queries (prefill chunks)."""
+    the next registered implementation (SDPA) for longer queries (prefill chunks)."""
     kwargs = dict(block_tables=block_tables, context_lens=context_lens,
                   cu_seqlens_q=cu_seqlens_q, max_query_len=max_query_len,
                   max_context_len=max_context_len)
     if max_query_len > MAX_QUERY_LEN or q.dtype not in _DTYPES:
-        return registry.reference("paged_attention")(q, k_cache, v_cache, **kwargs)
+        return registry.fallback("paged_attention", "triton", q.device)(q, k_cache, v_cache,
+                                                                          **kwargs)
     if q.stride(-1) != 1:
         q = q.contiguous()
     return paged_decode_forward(q, k_cache, v_cache, **kwargs)

@@ -87,6 +87,17 @@ def get(name: str, device: torch.device | str) -> Callable:
     return select(name, device).fn
 
 
+def fallback(name: str, backend: str, device: torch.device | str) -> Callable:
+    """The best implementation of `name` on `device` ranked below `backend` (for inputs
+    that `backend` does not handle); the reference when none is."""
+    device = torch.device(device)
+    rank = next(i.priority for i in _FAST[name] if i.backend == backend)
+    for impl in _FAST[name]:
+        if impl.priority < rank and impl.supports(device):
+            return impl.fn
+    return _REFERENCES[name].fn
+
+
 def reference(name: str) -> Callable:
     return _REFERENCES[name].fn
 

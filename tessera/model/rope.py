@@ -50,8 +50,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x `[B, T, H, D]` by cos/sin `[B, T, D]` (or `[T, D]`)."""
+    """Rotate x `[B, T, H, D]` by cos/sin `[B, T, D]` (or `[T, D]`); the result keeps x's
+    dtype (under autocast, bf16 q and k against fp32 cos and sin stay bf16)."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)

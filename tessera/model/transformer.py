@@ -1,8 +1,9 @@
 """The Llama-family decoder, readable top to bottom: norm, MLP, attention, block, model.
 
-Single-device code with no parallelism, quantization or kernel choice inside: norms and the
-SwiGLU activation call registered ops, attention calls `ctx.attend` (see `attention.py`),
-and `tessera.parallel` / `tessera.quant` act on the module from outside.
+Single-device code with no parallelism, quantization or kernel choice inside: norms, the
+rotary embedding and the SwiGLU activation call registered ops, attention calls `ctx.attend`
+(see `attention.py`), and `tessera.parallel` / `tessera.quant` act on the module from
+outside.
 
 Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 transformers state dict loads unchanged and a saved one loads in transformers.
@@ -21,7 +22,7 @@ import torch.nn as nn
 from tessera.config import ModelConfig
 from tessera.kernels import registry
 from tessera.model.attention import AttentionContext, CausalContext
-from tessera.model.rope import apply_rope, inverse_frequencies, rope_cos_sin
+from tessera.model.rope import inverse_frequencies, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -32,6 +33,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return registry.get("rms_norm", x.device)(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(norm(x + residual), x + residual)` in one fused op; the sum keeps x's dtype
+        (under autocast the residual stream stays fp32 while bf16 outputs join it)."""
+        add_rms_norm = registry.get("add_rms_norm", x.device)
+        return add_rms_norm(x, residual.to(x.dtype), self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -77,7 +85,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = registry.get("rope", q.device)(q, k, cos, sin)
         out = ctx.attend(self.layer_idx, q, k, v)  # [B, T, H, D]
         return self.o_proj(out.reshape(batch, num_tokens, -1))
 
@@ -94,8 +102,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        normed, x = self.post_attention_layernorm.add_and_norm(x, attn_out)
+        return x + self.mlp(normed)
 
 
 class Decoder(nn.Module):

@@ -4,7 +4,8 @@ The KV pool's size is given as at most one of `num_kv_blocks`, `kv_cache_tokens`
 `kv_cache_memory_bytes`; with none, the engine takes the smaller of 1 GiB and what
 `max_num_seqs` sequences of the full context need. Speculative decoding is off unless
 `speculative_method` is "draft" (a draft model passed to the engine) or "ngram" (prompt
-lookup). It knows nothing about models or devices.
+lookup). On CUDA, decode steps replay CUDA graphs captured per batch-size bucket unless
+`enforce_eager`. It knows nothing about models or devices.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     ngram_min: int = 1
     ngram_max: int = 4
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    max_cuda_graph_batch_size: int = 256  # larger decode batches run eagerly
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens",
-                     "num_speculative_tokens", "ngram_min", "ngram_max"):
+                     "num_speculative_tokens", "ngram_min", "ngram_max",
+                     "max_cuda_graph_batch_size"):
             _check_positive(name, getattr(self, name))
         for name in ("num_kv_blocks", "kv_cache_tokens", "kv_cache_memory_bytes",
                      "max_model_len"):
@@ -50,6 +54,8 @@ class EngineConfig:
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ConfigError(f"kv_cache_tokens ({self.kv_cache_tokens}) is smaller than one "
                               f"block ({self.block_size} tokens)")
+        if not isinstance(self.enforce_eager, bool):
+            raise ConfigError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         self._check_speculative()
 
     def _check_speculative(self) -> None:

@@ -7,7 +7,10 @@ the stop conditions, frees what finished and reports a `RequestOutput` for every
 that progressed. A request that could never run (a prompt that fills the model's context,
 or more tokens than the whole KV pool holds) is refused with finish reason "error" and a
 message, reported by the next step, instead of waiting forever. Whenever the engine goes
-idle it checks that every KV block is back in the free pool and raises if not.
+idle it checks that every KV block is back in the free pool and raises if not. On CUDA,
+the engine runs one prefill per length bucket at startup (kernels compile and autotune
+then, not under the first requests) and decode steps replay CUDA graphs (see
+`cuda_graphs.py`; `EngineConfig.enforce_eager` turns them off).
 
 The engine knows nothing about HTTP, asyncio or chat templates; a tokenizer (anything with
 `decode(ids, skip_special_tokens=...)`) is needed only for text and stop strings. It is not
@@ -27,9 +30,10 @@ from tessera.errors import ConfigError, RequestError
 from tessera.model.transformer import TesseraForCausalLM
 from tessera.serve.block_manager import BlockManager
 from tessera.serve.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from tessera.serve.cuda_graphs import MAX_GRAPH_QUERY_LEN
 from tessera.serve.detokenizer import IncrementalDetokenizer, find_stop
 from tessera.serve.kv_pool import blocks_for_budget, bytes_per_block
-from tessera.serve.model_runner import ModelRunner
+from tessera.serve.model_runner import ModelRunner, StaticDecodeSettings
 from tessera.serve.outputs import RequestOutput, request_output
 from tessera.serve.sampler import Sampler, SamplingRow
 from tessera.serve.sampling_params import SamplingParams
@@ -64,6 +68,18 @@ class EngineStats:
         return self.prefix_cache_hit_tokens / queried if queried else 0.0
 
 
+def static_decode_settings(config: EngineConfig, model: TesseraForCausalLM,
+                           max_model_len: int, query_lens: Seq[int]
+                           ) -> StaticDecodeSettings | None:
+    """CUDA-graph decode on CUDA unless `enforce_eager`; None (all eager) elsewhere."""
+    if config.enforce_eager or model.lm_head.weight.device.type != "cuda":
+        return None
+    lens = tuple(sorted({q for q in query_lens if q <= MAX_GRAPH_QUERY_LEN}))
+    return StaticDecodeSettings(max_model_len=max_model_len, query_lens=lens,
+                                max_batch_size=min(config.max_num_seqs,
+                                                   config.max_cuda_graph_batch_size))
+
+
 class StopCheck(NamedTuple):
     reason: str
     stop_reason: int | str | None = None
@@ -84,13 +100,23 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        target_query_lens = (1, config.num_lookahead_tokens + 1)
+        self.runner = ModelRunner(model, num_blocks, config.block_size,
+                                  static_decode=static_decode_settings(
+                                      config, model, self.max_model_len, target_query_lens))
         self.sampler = Sampler(model.config.eos_token_ids)
         self.speculator = None
+        draft_runner = None
         if config.speculative_method is not None:
-            draft_runner = (ModelRunner(draft_model, num_blocks, config.block_size)
+            draft_runner = (ModelRunner(draft_model, num_blocks, config.block_size,
+                                        static_decode=static_decode_settings(
+                                            config, draft_model, self.max_model_len, (1,)))
                             if draft_model is not None else None)
             self.speculator = SpeculativeDecoder(config, self.runner, self.sampler, draft_runner)
+        for runner in (self.runner, draft_runner):
+            if runner is not None and runner.device.type == "cuda":
+                runner.warm_up(config.max_num_batched_tokens)
+                runner.capture_graphs()
         self._requests: dict[str, Request] = {}
         self._refused: list[RequestOutput] = []  # reported by the next step
         self.num_prompt_tokens = 0

@@ -2,13 +2,19 @@
 
 A forward takes `ForwardItem`s (per sequence: its block table, the position of its first new
 token, the new token ids, and how many trailing positions need logits), flattens them into
-one row `[1, N]` with positions, slot mapping, block tables, context lengths and query
-offsets (`cu_seqlens_q`), runs the model under a `PagedContext`, and applies the LM head
-only to the positions that need logits (the last token of a sequence being sampled, or the
-k + 1 positions a speculative verification scores), returning fp32 logits `[R, V]`.
+one row `[1, N]` with positions and slot mapping, laid out in attention groups (decodes,
+fresh prefills, continued chunks: `group_items`), each with its block tables, context
+lengths and query offsets (`cu_seqlens_q`), runs the model under a `PagedContext`, and
+applies the LM head only to the positions that need logits (the last token of a sequence
+being sampled, or the k + 1 positions a speculative verification scores), returning fp32
+logits `[R, V]` in the order of the items.
 
-NOTE: the tensors are built from Python lists each step and keep data-dependent shapes;
-padding N and S to buckets (for CUDA graphs) belongs here when it comes.
+A batch in which every sequence computes the same few tokens (a decode step, a draft step,
+a speculative verification) goes instead through `StaticDecodeRunner` (`cuda_graphs.py`):
+padded to a batch-size bucket in static buffers and, on CUDA, replayed as a captured CUDA
+graph. Other batches (prefill chunks, mixed steps) build their tensors from Python lists
+with data-dependent shapes and run eagerly. The pool holds one block more than the block
+manager hands out: the padding block that padded rows of a static batch write into.
 
 It knows nothing about scheduling, sampling or requests.
 """
@@ -22,9 +28,29 @@ from dataclasses import dataclass
 
 import torch
 
+from tessera.kernels.paged_decode import MAX_QUERY_LEN
 from tessera.model.transformer import TesseraForCausalLM
+from tessera.serve.cuda_graphs import StaticDecodeRunner
 from tessera.serve.kv_pool import KVPool
-from tessera.serve.paged_attention import PagedAttentionMetadata, PagedContext
+from tessera.serve.paged_attention import AttentionGroup, PagedAttentionMetadata, PagedContext
+
+
+def group_items(items: Sequence[ForwardItem]) -> list[tuple[bool, list[int]]]:
+    """Item indices in attention groups, each `(fresh_prefill, indices)`, in this order:
+    decodes (at most `MAX_QUERY_LEN` tokens after a cached context: the paged decode
+    kernel), fresh prefills (starting at position 0: varlen attention on their own keys),
+    and chunks continuing a cached context (the paged op's general path). Empty groups are
+    left out; a mixed step thus never pads a decode to a prefill's length."""
+    decodes, fresh, chunks = [], [], []
+    for index, item in enumerate(items):
+        if item.start == 0:
+            fresh.append(index)
+        elif len(item.token_ids) <= MAX_QUERY_LEN:
+            decodes.append(index)
+        else:
+            chunks.append(index)
+    return [(is_fresh, members) for is_fresh, members in
+            ((False, decodes), (True, fresh), (False, chunks)) if members]
 
 
 @dataclass
@@ -81,15 +107,56 @@ class ForwardTimer:
         self._events.clear()
 
 
+@dataclass(frozen=True)
+class StaticDecodeSettings:
+    """Which decode batches take the static path, and whether it replays CUDA graphs."""
+
+    max_model_len: int
+    max_batch_size: int
+    query_lens: tuple[int, ...] = (1,)
+    use_graphs: bool = True
+
+
 class ModelRunner:
-    def __init__(self, model: TesseraForCausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: TesseraForCausalLM, num_blocks: int, block_size: int, *,
+                 static_decode: StaticDecodeSettings | None = None):
         self.model = model
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.block_size = block_size
-        self.pool = KVPool(model.config, num_blocks, block_size, dtype=self.dtype,
+        self.padding_block = num_blocks  # the extra block no sequence ever owns
+        self.pool = KVPool(model.config, num_blocks + 1, block_size, dtype=self.dtype,
                            device=self.device)
         self.timer = ForwardTimer(self.device)
+        self.static = None
+        if static_decode is not None:
+            s = static_decode
+            self.static = StaticDecodeRunner(
+                self._forward_all_rows, device=self.device, block_size=block_size,
+                padding_block=self.padding_block, max_model_len=s.max_model_len,
+                max_batch_size=s.max_batch_size, query_lens=s.query_lens,
+                use_graphs=s.use_graphs)
+
+    def warm_up(self, max_num_tokens: int) -> None:
+        """Run one fresh prefill of 64, 128, ... up to `max_num_tokens` tokens, so that
+        kernels compile and autotune (per length bucket) now rather than under the first
+        requests. Call it before any sequence holds a block: it writes the pool's first
+        blocks, whose contents nobody reads until they are handed out."""
+        capacity = self.padding_block * self.block_size
+        num_tokens = 64
+        while True:
+            n = min(num_tokens, max_num_tokens, capacity)
+            table = list(range(-(-n // self.block_size)))
+            self.forward([ForwardItem(table, 0, [0] * n, 1)])
+            if n >= min(max_num_tokens, capacity):
+                return
+            num_tokens *= 2
+
+    def capture_graphs(self) -> None:
+        """Capture the static path's CUDA graphs (no-op without graphs)."""
+        if self.static is not None:
+            with torch.inference_mode():
+                self.static.capture()
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         self.pool.copy_blocks(copies)
@@ -97,6 +164,10 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
         """Write the items' keys and values into the pool; logits `[R, V]` (fp32)."""
+        key = self.static.key(items) if self.static is not None else None
+        if key is not None:
+            with self.timer.measure():
+                return self.static.forward(items, key)
         inputs = self.prepare(items)
         ctx = PagedContext(self.pool, inputs.metadata)
         with self.timer.measure():
@@ -104,34 +175,54 @@ class ModelRunner:
             hidden = out.last_hidden[0, inputs.logits_indices]  # [R, d]
             return self.model.lm_head(hidden).float()
 
+    def _forward_all_rows(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                          metadata: PagedAttentionMetadata) -> torch.Tensor:
+        """The static path's body: logits `[N, V]` (fp32) for every row."""
+        out = self.model.run(input_ids, positions, PagedContext(self.pool, metadata),
+                             compute_logits=False)
+        return self.model.lm_head(out.last_hidden[0]).float()
+
     def prepare(self, items: Sequence[ForwardItem]) -> StepInputs:
+        """The step's tensors, its tokens laid out group by group (see `group_items`);
+        the logits rows come back in the order of `items`."""
         size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        logits_indices: list[int] = []
-        cu_seqlens = [0]
-        for item in items:
-            span = range(item.start, item.start + len(item.token_ids))
-            input_ids.extend(item.token_ids)
-            positions.extend(span)
-            slots.extend(item.block_table[p // size] * size + p % size for p in span)
-            end = cu_seqlens[-1] + len(span)
-            logits_indices.extend(range(end - item.num_logits, end))
-            cu_seqlens.append(end)
-        context_lens = [item.start + len(item.token_ids) for item in items]
-        metadata = PagedAttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._block_tables(items),
-            context_lens=self._tensor(context_lens, torch.int32),
-            cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
-            max_query_len=max(len(item.token_ids) for item in items),
-            max_context_len=max(context_lens),
-        )
+        logits_rows: dict[int, list[int]] = {}
+        groups = []
+        for fresh, members in group_items(items):
+            group_start = len(input_ids)
+            for index in members:
+                item = items[index]
+                span = range(item.start, item.start + len(item.token_ids))
+                input_ids.extend(item.token_ids)
+                positions.extend(span)
+                slots.extend(item.block_table[p // size] * size + p % size for p in span)
+                logits_rows[index] = list(range(len(input_ids) - item.num_logits,
+                                                len(input_ids)))
+            groups.append(self._group([items[i] for i in members], group_start,
+                                      len(input_ids), fresh))
+        metadata = PagedAttentionMetadata(slot_mapping=self._tensor(slots, torch.int64),
+                                          groups=groups)
+        logits_indices = [row for index in range(len(items)) for row in logits_rows[index]]
         return StepInputs(input_ids=self._tensor([input_ids], torch.int64),
                           positions=self._tensor([positions], torch.int64),
                           metadata=metadata,
                           logits_indices=self._tensor(logits_indices, torch.int64))
+
+    def _group(self, items: Sequence[ForwardItem], start: int, end: int,
+               fresh: bool) -> AttentionGroup:
+        cu_seqlens = [0]
+        for item in items:
+            cu_seqlens.append(cu_seqlens[-1] + len(item.token_ids))
+        context_lens = [item.start + len(item.token_ids) for item in items]
+        return AttentionGroup(
+            start=start, end=end, block_tables=self._block_tables(items),
+            context_lens=self._tensor(context_lens, torch.int32),
+            cu_seqlens_q=self._tensor(cu_seqlens, torch.int32),
+            max_query_len=max(len(item.token_ids) for item in items),
+            max_context_len=max(context_lens), fresh_prefill=fresh)
 
     def _block_tables(self, items: Sequence[ForwardItem]) -> torch.Tensor:
         """`[S, max_blocks]`, padded with block 0 (the op ignores entries past the end)."""

@@ -20,8 +20,11 @@ Triton decode kernel registers beside them later), has the signature
   earlier cached tokens plus the earlier tokens of its own chunk. Scale 1/sqrt(D); GQA.
 
 `PagedContext` is what the model runner hands to the model: each layer's `attend` writes the
-new keys and values into the pool at `slot_mapping`, then calls the op. It knows nothing
-about scheduling or which sequence owns which block.
+new keys and values into the pool at `slot_mapping`, then attends each `AttentionGroup` of
+the call (the runner groups sequences so that each group suits one kernel): through the op;
+or, for a group whose sequences all start at position 0 (`fresh_prefill`: no cached keys to
+read), through the model's varlen op "attention" over the group's own keys and values. It
+knows nothing about scheduling or which sequence owns which block.
 """
 
 from __future__ import annotations
@@ -48,14 +51,23 @@ class PaddedBatch:
     rows: torch.Tensor  # [S, Tq] row of q; N (one past the end) for padding
 
 
+def _gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """The blocks `tables [S, nb]` of one layer's pool, `[S, nb * block_size, KVH, D]`.
+    `index_select` on a 2-D view of the pool: several times faster on the CPU than
+    advanced indexing `cache[tables]`, the same result."""
+    num_blocks, block_size, *head_shape = cache.shape
+    rows = cache.reshape(num_blocks, -1).index_select(0, tables.flatten())
+    return rows.view(tables.shape[0], tables.shape[1] * block_size, *head_shape)
+
+
 def pad_by_sequence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, max_query_len: int,
                     max_context_len: int) -> PaddedBatch:
     num_blocks = -(-max_context_len // k_cache.shape[1])
     tables = block_tables[:, :num_blocks].long()
-    k = k_cache[tables].flatten(1, 2)[:, :max_context_len]  # [S, Tk, KVH, D]
-    v = v_cache[tables].flatten(1, 2)[:, :max_context_len]
+    k = _gather_blocks(k_cache, tables)[:, :max_context_len]  # [S, Tk, KVH, D]
+    v = _gather_blocks(v_cache, tables)[:, :max_context_len]
     starts, q_lens = cu_seqlens_q[:-1].long(), (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     offsets = torch.arange(max_query_len, device=q.device)
     is_real = offsets[None] < q_lens[:, None]  # [S, Tq]
@@ -108,31 +120,55 @@ registry.register("paged_attention", "sdpa", paged_attention_sdpa, priority=1)
 
 
 @dataclass
-class PagedAttentionMetadata:
-    """One step's device tensors describing where each token's keys and values go."""
+class AttentionGroup:
+    """Sequences of one call attended by one kernel: they own rows `start:end` of the
+    call's N tokens (`cu_seqlens_q` counts from `start`)."""
 
-    slot_mapping: torch.Tensor  # int64 [N]: pool slot of each new token
+    start: int
+    end: int
     block_tables: torch.Tensor  # int32 [S, max_blocks]
     context_lens: torch.Tensor  # int32 [S]
     cu_seqlens_q: torch.Tensor  # int32 [S + 1]
     max_query_len: int
     max_context_len: int
+    fresh_prefill: bool = False  # every sequence starts at position 0: keys = this call's
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """One call's device tensors: where each new token's keys and values go, and the groups
+    of sequences attended together (their rows in order, covering N)."""
+
+    slot_mapping: torch.Tensor  # int64 [N]: pool slot of each new token
+    groups: list[AttentionGroup]
 
 
 @dataclass
 class PagedContext:
-    """Attention context: write new k/v into the pool, then attend through the op."""
+    """Attention context: write new k/v into the pool, then attend group by group."""
 
     pool: KVPool
     metadata: PagedAttentionMetadata
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
-        m = self.metadata
-        self.pool.write(layer_idx, m.slot_mapping, k[0], v[0])  # batch dim is 1: flattened
+        q, k, v = q[0], k[0], v[0]  # batch dim is 1: flattened
+        self.pool.write(layer_idx, self.metadata.slot_mapping, k, v)
+        groups = self.metadata.groups
+        if len(groups) == 1:
+            return self._attend_group(layer_idx, groups[0], q, k, v)[None]
+        outs = [self._attend_group(layer_idx, g, q[g.start:g.end], k[g.start:g.end],
+                                   v[g.start:g.end]) for g in groups]
+        return torch.cat(outs)[None]  # [1, N, H, D]
+
+    def _attend_group(self, layer_idx: int, g: AttentionGroup, q: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if g.fresh_prefill:  # no cached keys to read: varlen attention on this call's
+            attention = registry.get("attention", q.device)
+            return attention(q[None], k[None], v[None], causal=True,
+                             cu_seqlens=g.cu_seqlens_q)[0]
         k_cache, v_cache = self.pool.layer(layer_idx)
         attention = registry.get("paged_attention", q.device)
-        out = attention(q[0], k_cache, v_cache, block_tables=m.block_tables,
-                        context_lens=m.context_lens, cu_seqlens_q=m.cu_seqlens_q,
-                        max_query_len=m.max_query_len, max_context_len=m.max_context_len)
-        return out[None]  # [1, N, H, D]
+        return attention(q, k_cache, v_cache, block_tables=g.block_tables,
+                         context_lens=g.context_lens, cu_seqlens_q=g.cu_seqlens_q,
+                         max_query_len=g.max_query_len, max_context_len=g.max_context_len)

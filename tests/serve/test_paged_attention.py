@@ -88,3 +88,64 @@ def test_runner_chunked_prefill_and_decode_match_the_full_forward(model):
     logits = runner.forward([ForwardItem(table, 22, ids[22:], 1), other])
     torch.testing.assert_close(logits[0], full[22], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[1], full[2], atol=1e-4, rtol=1e-4)
+
+
+def test_fresh_prefill_of_packed_sequences_matches_each_full_forward(model):
+    """Sequences starting at 0 attend over the call's own keys (varlen), never each other's;
+    their keys land in the pool for the decodes that follow."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist()
+               for n in (9, 1, 14)]
+    runner = ModelRunner(model, num_blocks=16, block_size=BS)
+    tables = [[7, 1, 12], [4], [0, 15, 3, 8]]
+    items = [ForwardItem(t, 0, p, len(p)) for t, p in zip(tables, prompts, strict=True)]
+    groups = runner.prepare(items).metadata.groups
+    assert len(groups) == 1 and groups[0].fresh_prefill
+    logits = runner.forward(items)
+    decode = runner.forward([ForwardItem(t, len(p), [5], 1)
+                             for t, p in zip(tables, prompts, strict=True)])
+    start = 0
+    for i, p in enumerate(prompts):
+        with torch.inference_mode():
+            full = model(torch.tensor([p + [5]]))[0]
+        torch.testing.assert_close(logits[start:start + len(p)], full[:-1], atol=1e-4,
+                                   rtol=1e-4)
+        torch.testing.assert_close(decode[i], full[-1], atol=1e-4, rtol=1e-4)
+        start += len(p)
+    chunk = runner.prepare([ForwardItem(tables[0], 3, prompts[0][3:], 1)]).metadata
+    assert not chunk.groups[0].fresh_prefill
+
+
+def test_fallback_ranks_below_the_given_backend():
+    assert registry.fallback("paged_attention", "sdpa", "cpu") is paged_attention_reference
+    if "triton" in registry.available()["paged_attention"]:
+        assert registry.fallback("paged_attention", "triton", "cuda") is paged_attention_sdpa
+
+
+def test_mixed_step_groups_rows_and_returns_logits_in_item_order(model):
+    """Decodes, fresh prefills and continued chunks in one call, interleaved: each item's
+    logits equal its own full forward's, and each kind forms one attention group."""
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist()
+               for n in (20, 6, 17, 11, 26)]
+    tables = [[0, 1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11, 12, 13], [14, 15, 16], [17, 18, 19,
+                                                                                 20, 21, 22, 23]]
+    runner = ModelRunner(model, num_blocks=24, block_size=BS)
+    cached = {0: 19, 2: 5, 4: 12}  # tokens already in the cache (written by a first call)
+    runner.forward([ForwardItem(tables[i], 0, prompts[i][:n], 1) for i, n in cached.items()])
+    items = [ForwardItem(tables[0], 19, prompts[0][19:], 1),  # decode
+             ForwardItem(tables[1], 0, prompts[1], 2),  # fresh prefill
+             ForwardItem(tables[2], 5, prompts[2][5:], 3),  # continued chunk of 12
+             ForwardItem(tables[3], 0, prompts[3], 1),  # fresh prefill
+             ForwardItem(tables[4], 12, prompts[4][12:], 0)]  # continued chunk, no logits
+    groups = runner.prepare(items).metadata.groups
+    assert [(g.fresh_prefill, g.end - g.start) for g in groups] == [(False, 1), (True, 17),
+                                                                    (False, 26)]
+    logits = runner.forward(items)
+    assert logits.shape[0] == 1 + 2 + 3 + 1
+    rows = iter(logits)
+    for item, prompt in zip(items, prompts, strict=True):
+        with torch.inference_mode():
+            full = model(torch.tensor([prompt]))[0]
+        for position in range(len(prompt) - item.num_logits, len(prompt)):
+            torch.testing.assert_close(next(rows), full[position], atol=1e-4, rtol=1e-4)
