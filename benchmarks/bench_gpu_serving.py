@@ -24,9 +24,11 @@ writes every figure as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -53,6 +55,8 @@ def parse_args() -> argparse.Namespace:
                         help="quantized variants for the decode suite")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--profile", default=None, metavar="FILE", help="openloop: write "
+                        "torch.profiler's kernel and operator tables to FILE")
     parser.add_argument("--out", default=None)
     return parser.parse_args()
 
@@ -115,6 +119,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int
             "decode_tok_per_s": len(itl) / sum(itl) if itl else None,
             "mean_ttft_ms": 1e3 * sum(o.metrics.time_to_first_token for o in outputs)
             / len(outputs),
+            "max_ttft_ms": 1e3 * max(o.metrics.time_to_first_token for o in outputs),
             "outside_forward_share": 1 - forward / step if step else None,
             "preemptions": stats.num_preemptions - before.num_preemptions}
 
@@ -214,12 +219,30 @@ def openloop_suite(args: argparse.Namespace) -> list[dict]:
                          max_num_batched_tokens=16384,
                          kv_cache_memory_bytes=int(free * 0.7))
     prompts = random_prompts(prompt_lens, model.config.vocab_size, 3)
-    result = run_engine(engine, prompts, output_lens)
+    with profiled(args.profile):
+        result = run_engine(engine, prompts, output_lens)
     result.update(suite="openloop", shape=preset, weights="bf16",
                   prompt_tokens=sum(prompt_lens), kv_blocks=engine.block_manager.num_blocks,
                   baseline=None)
     print(json.dumps(result), flush=True)
     return [result]
+
+
+@contextlib.contextmanager
+def profiled(path: str | None) -> Iterator[None]:
+    """Under torch.profiler when `path` is given: the top CUDA kernels and CPU operators
+    by total time, written to `path`."""
+    if path is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        yield
+    averages = prof.key_averages()
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(averages.table(sort_by="cuda_time_total", row_limit=40) + "\n")
+        f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40) + "\n")
 
 
 # ------------------------------------------------------------------------------ report
