@@ -15,9 +15,9 @@ Model FLOPs per token (the convention of the PaLM paper's MFU): the teacher's fo
 and backward, `3 (2 N_s)` for its layers and `2 (2 d_s V)` for its frozen (tied, teacher's)
 LM head, whose backward is the input gradient alone, plus attention, `2 L d T` per forward
 per token for causal attention over sequences of T (counted as if documents were not
-masked, x3 for the student). N counts non-embedding parameters. MFU is the achieved model FLOP/s over the bf16
-GEMM rate measured in the same run (8192^3 matmul). The median of the steps after the
-first `--warmup` is reported.
+masked, x3 for the student). N counts non-embedding parameters. MFU is the achieved model
+FLOP/s over the bf16 GEMM rate measured in the same run (8192^3 matmul). The median of the
+steps after the first `--warmup` is reported.
 """
 
 from __future__ import annotations
