@@ -97,7 +97,9 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
     gqa = q.shape[2] != k.shape[2]
     plain_causal = causal and q_offset == 0 and q.shape[1] == k.shape[1]
-    if cu_seqlens is None and (plain_causal or not causal):
+    if cu_seqlens is not None and (plain_causal or not causal) and q.shape[0] == 1:
+        out = _sdpa_by_document(qt, kt, vt, cu_seqlens, causal=causal, gqa=gqa)
+    elif cu_seqlens is None and (plain_causal or not causal):
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=plain_causal, enable_gqa=gqa)
     elif cu_seqlens is None and q.shape[1] == 1 and q_offset == k.shape[1] - 1:
         # One decode query at the newest position sees every cached key: no mask needed.
@@ -106,6 +108,18 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         mask = _full_mask(q, k, causal, q_offset, cu_seqlens)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def _sdpa_by_document(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor,
+                      cu_seqlens: torch.Tensor, *, causal: bool, gqa: bool) -> torch.Tensor:
+    """Packed documents `[1, heads, T, D]` attended one by one: the sum of their squared
+    lengths instead of T^2 under a block-diagonal mask. Reads the boundaries on the host
+    (a device sync on GPUs, where the Triton kernel takes this case instead)."""
+    bounds = cu_seqlens.tolist()
+    outs = [F.scaled_dot_product_attention(qt[:, :, a:b], kt[:, :, a:b], vt[:, :, a:b],
+                                           is_causal=causal, enable_gqa=gqa)
+            for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return torch.cat(outs, dim=2)
 
 
 registry.register("attention", "torch", attention_reference, reference=True)
