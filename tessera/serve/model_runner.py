@@ -141,7 +141,8 @@ class ModelRunner:
         """Run one fresh prefill of 64, 128, ... up to `max_num_tokens` tokens, so that
         kernels compile and autotune (per length bucket) now rather than under the first
         requests. Call it before any sequence holds a block: it writes the pool's first
-        blocks, whose contents nobody reads until they are handed out."""
+        blocks, whose contents nobody reads until they are handed out. The forward timer
+        starts afresh afterwards: warm-up is not serving time."""
         capacity = self.padding_block * self.block_size
         num_tokens = 64
         while True:
@@ -149,8 +150,9 @@ class ModelRunner:
             table = list(range(-(-n // self.block_size)))
             self.forward([ForwardItem(table, 0, [0] * n, 1)])
             if n >= min(max_num_tokens, capacity):
-                return
+                break
             num_tokens *= 2
+        self.timer = ForwardTimer(self.device)
 
     def capture_graphs(self) -> None:
         """Capture the static path's CUDA graphs (no-op without graphs)."""

@@ -158,6 +158,7 @@ def test_warm_up_touches_no_block_past_the_budget(model):
     runner.warm_up(max_num_tokens=40)  # 40 tokens: blocks 0..9 at most
     changed = (runner.pool.keys != before).flatten(2).any(-1).any(0)  # [blocks]
     assert changed[:10].all() and not changed[10:].any()
+    assert runner.timer.seconds == 0.0  # warm-up is not counted as serving time
     item = ForwardItem([3, 7], 0, [5, 9, 11, 2, 8], 1)
     fresh = ModelRunner(model, 12, BLOCK)
     torch.testing.assert_close(runner.forward([item]), fresh.forward([item]))
