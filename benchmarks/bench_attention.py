@@ -14,7 +14,6 @@ baseline). Every implementation's output is compared with SDPA-flash's before ti
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tessera
-import triton  # noqa: E402
+from _common import add_speedups, kernel_bench_main  # noqa: E402  (beside this script)
 from triton.testing import do_bench  # noqa: E402
 
 from tessera.kernels.flash_attention import flash_attention  # noqa: E402
@@ -116,10 +115,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             flops = forward_flops(args) * (2.5 if direction == "bwd" else 1.0)
             rows.append({"pass": direction, "impl": name, "ms": ms,
                          "tflops": flops / ms / 1e9, "max_abs_err_vs_sdpa_flash": error})
-    for row in rows:
-        base = {r["impl"]: r["ms"] for r in rows if r["pass"] == row["pass"]}
-        row["speedup_vs"] = {b: base[b] / row["ms"] for b in BASELINES if b in base}
-    return rows
+    return add_speedups(rows, BASELINES, group=lambda row: row["pass"])
 
 
 def print_table(rows: list[dict]) -> None:
@@ -132,20 +128,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    args = parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_attention.py needs a CUDA device")
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-          f"{triton.__version__}  {vars(args)}")
-    rows = run(args)
-    print_table(rows)
-    if args.out:
-        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "triton": triton.__version__,
-                  "config": {k: str(v) if isinstance(v, Path) else v
-                             for k, v in vars(args).items()},
-                  "results": rows}
-        args.out.write_text(json.dumps(report, indent=2))
+    kernel_bench_main("bench_attention.py", parse_args(), run, print_table)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ implementation's loss and gradients are compared with `torch-chunked`'s first.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tessera
-import triton  # noqa: E402
+from _common import add_speedups, kernel_bench_main  # noqa: E402  (beside this script)
 
 from tessera.distill.losses import kd_loss_from_hidden  # noqa: E402
 from tessera.kernels.fused_kd_loss import fused_linear_kd_loss  # noqa: E402
@@ -147,10 +146,7 @@ def bench_shape(args: argparse.Namespace, shape: tuple[int, int, int, int]) -> l
                      "rel_err_loss": errors[0], "rel_err_dhidden": errors[1],
                      "rel_err_dweight": errors[2]})
         torch.cuda.empty_cache()
-    base = {r["impl"]: r["ms"] for r in rows}
-    for row in rows:
-        row["speedup_vs"] = {b: base[b] / row["ms"] for b in BASELINES if b in base}
-    return rows
+    return add_speedups(rows, BASELINES)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -163,21 +159,12 @@ def print_table(rows: list[dict]) -> None:
               f"{r['ms']:8.2f} {r['peak_extra_gib']:6.2f} {errs:>24}{ratios}")
 
 
+def run(args: argparse.Namespace) -> list[dict]:
+    return [row for shape in SHAPES for row in bench_shape(args, shape)]
+
+
 def main() -> None:
-    args = parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_kd_loss.py needs a CUDA device")
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-          f"{triton.__version__}  {vars(args)}")
-    rows = [row for shape in SHAPES for row in bench_shape(args, shape)]
-    print_table(rows)
-    if args.out:
-        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "triton": triton.__version__,
-                  "config": {k: str(v) if isinstance(v, Path) else v
-                             for k, v in vars(args).items()},
-                  "results": rows}
-        args.out.write_text(json.dumps(report, indent=2))
+    kernel_bench_main("bench_kd_loss.py", parse_args(), run, print_table)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ SDPA). Outputs are compared with SDPA's before timing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tessera
-import triton  # noqa: E402
+from _common import kernel_bench_main  # noqa: E402  (beside this script)
 from triton.testing import do_bench  # noqa: E402
 
 from tessera.kernels.paged_decode import paged_attention_triton  # noqa: E402
@@ -120,21 +119,12 @@ def print_table(rows: list[dict]) -> None:
               f"{r['speedup_vs_sdpa']:7.2f}x")
 
 
+def run(args: argparse.Namespace) -> list[dict]:
+    return [row for batch, length in SHAPES for row in bench_shape(args, batch, length)]
+
+
 def main() -> None:
-    args = parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_paged_decode.py needs a CUDA device")
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-          f"{triton.__version__}  {vars(args)}")
-    rows = [row for batch, length in SHAPES for row in bench_shape(args, batch, length)]
-    print_table(rows)
-    if args.out:
-        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "triton": triton.__version__,
-                  "config": {k: str(v) if isinstance(v, Path) else v
-                             for k, v in vars(args).items()},
-                  "results": rows}
-        args.out.write_text(json.dumps(report, indent=2))
+    kernel_bench_main("bench_paged_decode.py", parse_args(), run, print_table)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ divide a baseline's time by a row's time (> 1 means faster than that baseline).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tessera
-import triton  # noqa: E402
+from _common import add_speedups, copy_ceiling, kernel_bench_main  # noqa: E402  (beside this script)
 from triton.testing import do_bench  # noqa: E402
 
 from tessera.kernels.rms_norm import (  # noqa: E402
@@ -52,13 +51,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     return parser.parse_args()
-
-
-def copy_ceiling(x: torch.Tensor, num_tensors: int):
-    """A copy moving `num_tensors` tensors of x's size: half read, half written."""
-    src = torch.empty(x.numel() * num_tensors // 2, dtype=x.dtype, device=x.device)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
 
 
 def cases(x, r, w, dy) -> dict[str, dict[str, object]]:
@@ -102,10 +94,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for name, fn in impls.items():
             ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
             rows.append({"pass": direction, "impl": name, "ms": ms, "gbps": num_bytes / ms / 1e6})
-    for row in rows:
-        base = {r_["impl"]: r_["ms"] for r_ in rows if r_["pass"] == row["pass"]}
-        row["speedup_vs"] = {b: base[b] / row["ms"] for b in BASELINES}
-    return rows
+    return add_speedups(rows, BASELINES, group=lambda row: row["pass"])
 
 
 def print_table(rows: list[dict]) -> None:
@@ -117,20 +106,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    args = parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_rms_norm.py needs a CUDA device")
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-          f"{triton.__version__}  {vars(args)}")
-    rows = run(args)
-    print_table(rows)
-    if args.out:
-        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "triton": triton.__version__,
-                  "config": {k: str(v) if isinstance(v, Path) else v
-                             for k, v in vars(args).items()},
-                  "results": rows}
-        args.out.write_text(json.dumps(report, indent=2))
+    kernel_bench_main("bench_rms_norm.py", parse_args(), run, print_table)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ divide a baseline's time by a row's time (> 1 means faster than that baseline).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tessera
-import triton  # noqa: E402
+from _common import add_speedups, copy_ceiling, kernel_bench_main  # noqa: E402  (beside this script)
 from triton.testing import do_bench  # noqa: E402
 
 from tessera.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
@@ -38,13 +37,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     return parser.parse_args()
-
-
-def copy_ceiling(like: torch.Tensor, num_tensors: int):
-    """A copy moving `num_tensors` tensors of like's size: half read, half written."""
-    src = torch.empty(like.numel() * num_tensors // 2, dtype=like.dtype, device=like.device)
-    dst = torch.empty_like(src)
-    return lambda: dst.copy_(src)
 
 
 def cases(gate, up, dy) -> dict[str, dict[str, object]]:
@@ -76,10 +68,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         for name, fn in impls.items():
             ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
             rows.append({"pass": direction, "impl": name, "ms": ms, "gbps": num_bytes / ms / 1e6})
-    for row in rows:
-        base = {r["impl"]: r["ms"] for r in rows if r["pass"] == row["pass"]}
-        row["speedup_vs"] = {b: base[b] / row["ms"] for b in BASELINES}
-    return rows
+    return add_speedups(rows, BASELINES, group=lambda row: row["pass"])
 
 
 def print_table(rows: list[dict]) -> None:
@@ -91,20 +80,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    args = parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_swiglu.py needs a CUDA device")
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
-          f"{triton.__version__}  {vars(args)}")
-    rows = run(args)
-    print_table(rows)
-    if args.out:
-        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                  "triton": triton.__version__,
-                  "config": {k: str(v) if isinstance(v, Path) else v
-                             for k, v in vars(args).items()},
-                  "results": rows}
-        args.out.write_text(json.dumps(report, indent=2))
+    kernel_bench_main("bench_swiglu.py", parse_args(), run, print_table)
 
 
 if __name__ == "__main__":
