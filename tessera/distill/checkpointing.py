@@ -74,14 +74,17 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 
 # --------------------------------------------------------------------------- RNG
 def capture_rng() -> dict[str, Any]:
-    """torch (CPU and CUDA), python and numpy global RNG states as JSON-able data."""
+    """torch (CPU and the current CUDA device), python and numpy global RNG states as
+    JSON-able data; `restore_rng` sets them back (CUDA: on the then current device)."""
     version, mt_state, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state().tolist(),
              "python": [version, list(mt_state), gauss],
              "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
     if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        # The current device's generator only: a rank uses one device, and the run may
+        # resume with another number of visible devices.
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
@@ -92,7 +95,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 # --------------------------------------------------------------------------- flattening

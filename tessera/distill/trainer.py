@@ -82,8 +82,6 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 STUDENT_DIR = "student"
 FUSED_LOSS_OP = "fused_linear_kd_loss"  # registered by tessera.kernels.fused_kd_loss
-_SHARDED_FUSED = ("loss.fused=true needs whole LM head weights, but with several ranks the "
-                  "models are sharded (FSDP); set loss.fused=auto or loss.fused=false")
 Echo = Callable[[str], None]
 
 
@@ -126,7 +124,6 @@ def distill(config: RunConfig, *, echo: Echo = print) -> dict[str, Any]:
     try:
         out = check_output_dir(config)
         preflight_corpus(config)
-        preflight_fused_loss(config, env)
         run = setup(config, env, out, say)
         record_run(config, env, out)
         run.history.setdefault("setup_s", time.perf_counter() - started)
@@ -208,13 +205,6 @@ def preflight_corpus(config: RunConfig) -> None:
                             "data.val_fraction")
 
 
-def preflight_fused_loss(config: RunConfig, env: fsdp.DistributedEnv) -> None:
-    """Refuse `loss.fused: true` with several ranks before any model is loaded (see
-    `uses_fused_loss`)."""
-    if config.loss.fused is True and env.is_distributed:
-        raise ConfigError(_SHARDED_FUSED)
-
-
 # --------------------------------------------------------------------------- setup
 def setup(config: RunConfig, env: fsdp.DistributedEnv, out: Path, say: Echo) -> Run:
     tc = config.trainer
@@ -231,7 +221,7 @@ def setup(config: RunConfig, env: fsdp.DistributedEnv, out: Path, say: Echo) -> 
     train_data, val_batches = open_data(config, teacher.tokenizer, env)
     sampler = make_sampler(config, len(train_data), env)
     matcher = make_matcher(config, student_config, teacher.config, env.device)
-    prepare_models(teacher.model, student, tc, env)
+    prepare_models(teacher.model, student, matcher, tc, env)
     trainable = nn.ModuleDict({"student": student} | ({"matcher": matcher} if matcher else {}))
     optimizer = make_optimizer(trainable, tc)
     scheduler = make_scheduler(optimizer, tc)
@@ -304,9 +294,11 @@ def make_matcher(config: RunConfig, student_config: Any, teacher_config: Any,
                               loss.layer_map, loss.hidden_kind).to(device)
 
 
-def prepare_models(teacher: nn.Module, student: nn.Module, tc: TrainerConfig,
-                   env: fsdp.DistributedEnv) -> None:
-    """Activation checkpointing, compilation, then FSDP sharding (in that order)."""
+def prepare_models(teacher: nn.Module, student: nn.Module, matcher: nn.Module | None,
+                   tc: TrainerConfig, env: fsdp.DistributedEnv) -> None:
+    """Activation checkpointing, compilation, then FSDP sharding (in that order). With
+    several ranks everything trained is sharded (the student, and the hidden-state
+    projections when there are any), so every gradient is averaged over ranks."""
     if tc.activation_checkpointing:
         fsdp.apply_activation_checkpointing(student)
     if tc.compile:
@@ -317,6 +309,8 @@ def prepare_models(teacher: nn.Module, student: nn.Module, tc: TrainerConfig,
         fsdp.parallelize(student, mesh)
         if tc.teacher_sharding == "shard":
             fsdp.parallelize(teacher, mesh)
+        if matcher is not None and any(True for _ in matcher.parameters()):
+            fsdp.shard_whole(matcher, mesh)
 
 
 def make_optimizer(module: nn.Module, tc: TrainerConfig) -> torch.optim.AdamW:
@@ -397,16 +391,13 @@ def uses_fused_loss(run: Run) -> bool:
 
     `loss.fused: true` always, `false` never; `auto` on CUDA only: there the op's Triton
     kernel never materialises the `[N, V]` logits; on CPU memory is plentiful and the op's
-    torch reference would recompute both heads in the backward pass. Sharded models cannot
-    (their head weights are only whole inside their forward): `auto` takes the logits path
-    there, `true` is an error.
+    torch reference would recompute both heads in the backward pass. Sharded (FSDP) models
+    take the same path: their roots keep the LM head whole from the forward to the end of
+    the backward (`tessera.parallel.fsdp.parallelize`).
     """
     fused = run.config.loss.fused
-    sharded = fsdp.is_sharded(run.student) or fsdp.is_sharded(run.teacher.model)
     if fused == FUSED_AUTO:
-        return run.device.type == "cuda" and not sharded
-    if fused and sharded:
-        raise ConfigError(_SHARDED_FUSED)
+        return run.device.type == "cuda"
     return fused
 
 
@@ -505,7 +496,8 @@ def train_step(run: Run) -> dict[str, float]:
     batches = [run.train_data.batch(ix).to(run.device) for ix in indices]
     counts = global_counts(batches, run.device)
     totals = torch.zeros(4, device=run.device)
-    for batch in batches:
+    for index, batch in enumerate(batches):
+        fsdp.set_accumulating(run.trainable.values(), index < len(batches) - 1)
         totals += micro_step(run, batch, counts, run.step)
     fsdp.all_reduce_sum(totals)
     params = [p for p in run.trainable.parameters() if p.requires_grad]

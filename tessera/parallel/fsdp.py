@@ -6,7 +6,11 @@ starts a process group (NCCL on CUDA, gloo on CPU) when there is more than one p
 mesh)` calls `torch.distributed.fsdp.fully_shard` on each decoder layer and then on the
 root, so parameters, gradients and optimizer state are sharded across ranks and each layer
 is all-gathered just before it runs; the model's code is untouched and its parameter names
-stay the same (tied embeddings remain one tensor, owned by the root).
+stay the same (tied embeddings remain one tensor, owned by the root). The root's own
+parameters (embeddings, final norm, LM head) stay whole from its forward until the end of
+the backward pass, so a loss that applies the LM head outside the forward (the fused
+KD op) reads the whole weight as `model.lm_head.weight` and its gradient is reduce-scattered
+with the rest; a frozen root that never runs a backward (a sharded teacher) keeps them whole.
 
 A frozen teacher can be sharded the same way (it then costs 1/world of its memory per rank
 and one all-gather per layer per forward) or replicated (each rank holds all of it, and no
@@ -16,7 +20,10 @@ communication is spent on it); the trainer's `teacher_sharding` option picks.
 of storing its activations (the composable `checkpoint` API, which keeps parameter names).
 
 Gradients are averaged over ranks by FSDP's reduce-scatter; a caller whose loss is already
-normalised by global token counts multiplies it by the world size (see the trainer).
+normalised by global token counts multiplies it by the world size (see the trainer). Over
+several micro-batches, `set_accumulating(modules, True)` defers that reduce-scatter (and the
+reshard after backward) to the last one. `shard_whole` shards a small trained module
+(hidden-state projections) as one unit, so its gradients are averaged too.
 """
 
 from __future__ import annotations
@@ -86,12 +93,36 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bo
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     for layer in model.model.layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root is not resharded after forward: the backward needs it at once, and the
+    # fused loss applies its LM head after the forward has returned.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
     if hasattr(model, "run"):
         # `run` (hidden states, optional head) is a second entry point besides forward:
         # it needs the same all-gather before and reshard after.
         register_fsdp_forward_method(model, "run")
     return model
+
+
+def shard_whole(module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """FSDP2 on a small trainable module as one unit (e.g. hidden-state projections), so its
+    gradients are averaged over ranks and its optimizer state is sharded like the model's."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def set_accumulating(modules, accumulating: bool) -> None:
+    """Gradient accumulation without communication: while `accumulating`, the sharded
+    modules among `modules` keep their parameters and gradients whole between micro-batches
+    (no reduce-scatter, no re-gather for the next forward); the micro-batch after
+    `set_accumulating(..., False)` reduce-scatters the summed gradients once."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        if isinstance(module, FSDPModule):
+            module.set_requires_gradient_sync(not accumulating)
+            module.set_reshard_after_backward(not accumulating)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -3,6 +3,7 @@ and temporary directories that resumption never picks up."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -132,3 +133,14 @@ def test_resaving_a_step_replaces_it_atomically(tmp_path):
     ckpt.load_checkpoint(path, fresh, fresh_opt)
     for a, b in zip(fresh.parameters(), module.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_generator_of_the_current_device_round_trips_through_json():
+    torch.cuda.manual_seed(7)
+    state = json.loads(json.dumps(ckpt.capture_rng()))
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(8)
+    ckpt.restore_rng(state)
+    assert torch.equal(torch.rand(4, device="cuda"), expected)

@@ -1,5 +1,7 @@
 """FSDP2 on CPU with gloo: two ranks (real `torchrun` processes) give the per-step losses
-of one process at the same global batch, and their sharded (DCP) checkpoint resumes."""
+of one process at the same global batch, and their sharded (DCP) checkpoint resumes on two
+ranks (bitwise the same continued losses) and on one process (the same within float
+rounding)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 import pytest
 
 from tessera.distill import checkpointing as ckpt
+from tessera.distill.report import read_csv
 
 from .conftest import csv_losses, read_json
 from .helpers import REPO, run_tessera, subprocess_env
@@ -46,13 +49,24 @@ def test_two_ranks_match_one_process_and_resume_from_a_sharded_checkpoint(overri
     assert abs(report["metrics"]["after"]["ppl"] -
                read_json(tmp_path / "one/report.json")["metrics"]["after"]["ppl"]) < 1e-3
 
-    # The 2-rank checkpoints are DCP directories; drop the last one and resume from step 3.
+    # The 2-rank checkpoints are DCP directories. A copy of the run with only the step-3
+    # checkpoint resumes in one process; the run itself then resumes on two ranks.
     saved = dict(ckpt.list_checkpoints(out / "checkpoints"))
     assert sorted(saved) == [3, 5]
     assert read_json(saved[3] / "state.json")["layout"] == "dcp"
     ckpt.verify_checkpoint(saved[3])
     shutil.rmtree(saved[5])
     (out / "report.json").unlink()
+    solo = tmp_path / "two-resumed-on-one"
+    shutil.copytree(out, solo)
+    on_one = run_tessera("distill", "--config", "configs/tiny.yaml",
+                         *overrides(solo, **STEPS))
+    assert on_one.returncode == 0, on_one.stderr[-3000:]
+    assert "resumed from" in on_one.stdout
+    continued = csv_losses(solo / "metrics.csv")
+    assert list(continued) == [1, 2, 3, 4, 5]
+    for step in (4, 5):
+        assert abs(continued[step] - two[step]) <= 1e-5, (step, two[step], continued[step])
     resumed = _torchrun(overrides(out, **STEPS))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
@@ -60,3 +74,47 @@ def test_two_ranks_match_one_process_and_resume_from_a_sharded_checkpoint(overri
     assert list(again) == [1, 2, 3, 4, 5]
     for step in (4, 5):
         assert abs(again[step] - two[step]) <= 1e-7, (step, two[step], again[step])
+
+
+@pytest.mark.slow
+def test_the_fused_loss_on_two_ranks_matches_one_process(overrides, tmp_path):
+    """The fused LM head + KD op reads the sharded models' whole heads after their forward;
+    with trained (tied) embeddings the head's gradient is reduce-scattered with the rest.
+    Two micro-batches per rank: the first accumulates without communication."""
+    fused = {**STEPS, "trainer__checkpoint_every": 0, "loss__fused": "true",
+             "trainer__train_embeddings": "true", "trainer__global_batch_size": 8}
+    single = run_tessera("distill", "--config", "configs/tiny.yaml",
+                         *overrides(tmp_path / "one", **fused))
+    assert single.returncode == 0, single.stderr
+    double = _torchrun(overrides(tmp_path / "two", **fused))
+    assert double.returncode == 0, double.stderr[-3000:]
+    report = read_json(tmp_path / "two/report.json")
+    assert "fused LM head" in report["loss_path"]
+    one, two = csv_losses(tmp_path / "one/metrics.csv"), csv_losses(tmp_path / "two/metrics.csv")
+    assert list(one) == list(two) == [1, 2, 3, 4, 5]
+    assert len(set(one.values())) == 5  # the embeddings train: losses move
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-5, (step, one[step], two[step])
+
+
+@pytest.mark.slow
+def test_hidden_state_projections_train_the_same_on_two_ranks(overrides, tmp_path):
+    """A narrower fresh student matched to teacher hidden states through trained
+    projections: the projections' gradients are averaged over ranks like the student's."""
+    narrow = {**STEPS, "trainer__checkpoint_every": 0, "student__layers": "null",
+              "student__model": "{hidden_size: 32, num_layers: 2, num_heads: 2, "
+                                "num_kv_heads: 1, intermediate_size: 64}",
+              "loss__hidden_weight": "1.0", "loss__layer_map": "{1: 2, 2: 4}",
+              "trainer__teacher_sharding": "replicate"}
+    single = run_tessera("distill", "--config", "configs/tiny.yaml",
+                         *overrides(tmp_path / "one", **narrow))
+    assert single.returncode == 0, single.stderr
+    double = _torchrun(overrides(tmp_path / "two", **narrow))
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = csv_losses(tmp_path / "one/metrics.csv")
+    two = csv_losses(tmp_path / "two/metrics.csv")
+    assert list(one) == list(two) == [1, 2, 3, 4, 5]
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-5, (step, one[step], two[step])
+    hidden = [float(r["hidden"]) for r in read_csv(tmp_path / "two/metrics.csv")]
+    assert all(h > 0 for h in hidden)

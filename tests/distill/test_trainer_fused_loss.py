@@ -29,12 +29,10 @@ from tessera.distill.trainer import (
     describe_loss_path,
     global_counts,
     micro_step,
-    preflight_fused_loss,
     uses_fused_loss,
 )
 from tessera.errors import ConfigError
 from tessera.model import build_model
-from tessera.parallel import fsdp
 
 from .conftest import csv_losses, read_json
 
@@ -169,17 +167,6 @@ def test_the_default_is_auto_and_bad_values_are_refused():
     assert RunConfig().loss.fused == "auto"
     with pytest.raises(ConfigError, match="fused must be true, false or 'auto'"):
         load_run_config(None, ["loss.fused=sometimes"])
-
-
-def test_sharded_models_never_take_the_fused_path(monkeypatch):
-    monkeypatch.setattr(fsdp, "is_sharded", lambda _model: True)
-    assert uses_fused_loss(_choice_run("auto", "cuda")) is False
-    with pytest.raises(ConfigError, match="loss.fused=true needs whole LM head weights"):
-        uses_fused_loss(_choice_run("true", "cuda"))
-    config = load_run_config(None, ["loss.fused=true"])
-    with pytest.raises(ConfigError, match="sharded"):
-        preflight_fused_loss(config, SimpleNamespace(is_distributed=True))
-    preflight_fused_loss(config, SimpleNamespace(is_distributed=False))
 
 
 def test_the_path_line_names_losses_the_kernel_leaves_to_its_reference():
