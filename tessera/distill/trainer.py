@@ -129,7 +129,9 @@ def distill(config: RunConfig, *, echo: Echo = print) -> dict[str, Any]:
         run.history.setdefault("setup_s", time.perf_counter() - started)
         resume(run, say)
         stop.install()
-        return train_and_finish(run, stop, say, started)
+        result = train_and_finish(run, stop, say, started)
+        fsdp.barrier()  # every rank is done before any leaves the process group
+        return result
     finally:
         stop.restore()
         fsdp.shutdown()

@@ -166,5 +166,8 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. After a normal finish call `barrier()` first, so no rank
+    tears down its connections while a peer still talks over them (gloo aborts a rank
+    that does); after an error, leave at once (the peers may be inside a collective)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
