@@ -55,6 +55,8 @@ def parse_args() -> argparse.Namespace:
                         help="quantized variants for the decode suite")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--no-fuse-projections", dest="fuse_projections",
+                        action="store_false", help="separate q/k/v and gate/up products")
     parser.add_argument("--profile", default=None, metavar="FILE", help="openloop: write "
                         "torch.profiler's kernel and operator tables to FILE")
     parser.add_argument("--out", default=None)
@@ -125,7 +127,9 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int
 
 
 def make_engine(model: torch.nn.Module, args: argparse.Namespace, **config) -> LLMEngine:
-    engine = LLMEngine(model, config=EngineConfig(enforce_eager=args.enforce_eager, **config))
+    engine = LLMEngine(model, config=EngineConfig(enforce_eager=args.enforce_eager,
+                                                  fuse_projections=args.fuse_projections,
+                                                  **config))
     run_engine(engine, [[11, 12, 13]] * 2, [4, 4])  # warm-up
     return engine
 
@@ -267,7 +271,8 @@ def main() -> None:
     args = parse_args()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-          f"torch {torch.__version__}; CUDA graphs {'off' if args.enforce_eager else 'on'}")
+          f"torch {torch.__version__}; CUDA graphs {'off' if args.enforce_eager else 'on'}; "
+          f"fused projections {'on' if args.fuse_projections else 'off'}")
     rows: list[dict] = []
     if "decode" in args.suites:
         rows += decode_suite(args, bandwidth)

@@ -4,6 +4,11 @@ Op "swiglu": `swiglu(gate, up) -> y`, a torch reference plus a fused Triton kern
 and backward). The kernel computes in fp32 and rounds where the reference does: `silu(gate)`
 to the inputs' dtype, then the product. Its backward recomputes `silu` from the saved inputs
 instead of storing it.
+
+The forward also reads row-strided inputs: `gate` and `up` may be column slices of one
+`[..., 2F]` tensor (a fused gate/up projection), as long as each is `[rows, F]` with a
+contiguous last dim and one row stride; the output is contiguous. Without gradients
+nothing is copied; with them the inputs are made contiguous for the backward.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G, U, Y, numel, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(G, U, Y, numel, width, stride_g, stride_u, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+    row, col = offs // width, offs % width
+    g = tl.load(G + row * stride_g + col, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + col, mask=mask, other=0.0).to(tl.float32)
     silu = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + offs, (silu * u).to(Y.dtype.element_ty), mask=mask)
 
@@ -52,23 +58,45 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, numel, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------- launchers
 
 
-def _check(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+def _check(name: str, t: torch.Tensor, like: torch.Tensor, *, contiguous: bool = True
+           ) -> None:
     assert t.shape == like.shape, f"{name}: shape {tuple(t.shape)}, expected {tuple(like.shape)}"
     assert t.dtype == like.dtype, f"{name}: dtype {t.dtype}, expected {like.dtype}"
     assert t.device == like.device, f"{name}: on {t.device}, expected {like.device}"
-    assert t.is_contiguous(), f"{name} must be contiguous"
+    if contiguous:
+        assert t.is_contiguous(), f"{name} must be contiguous"
+    else:
+        assert row_stride(t) is not None, \
+            f"{name} needs a contiguous last dim and one row stride"
+
+
+def row_stride(t: torch.Tensor) -> int | None:
+    """The stride between rows of `t` seen as `[rows, last dim]`, or None when its last dim
+    is not contiguous or its leading dims do not collapse into one row index."""
+    width = t.shape[-1] if t.dim() else 1
+    if t.dim() == 0 or (width > 1 and t.stride(-1) != 1):
+        return None
+    if t.numel() == 0:
+        return width
+    try:
+        return t.view(-1, width).stride(0)
+    except RuntimeError:
+        return None
 
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, *,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the forward on contiguous `gate` and `up` of one shape and dtype."""
-    _check("gate", gate, gate)
-    _check("up", up, gate)
-    y = torch.empty_like(gate) if out is None else out
+    """Launch the forward on `gate` and `up` of one shape and dtype (contiguous, or
+    row-strided: see the module docstring); `out` is contiguous."""
+    _check("gate", gate, gate, contiguous=False)
+    _check("up", up, gate, contiguous=False)
+    stride_g, stride_u = row_stride(gate), row_stride(up)
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if out is None else out
     _check("out", y, gate)
     numel = gate.numel()
     if numel:
-        _swiglu_fwd_kernel[(triton.cdiv(numel, _BLOCK),)](gate, up, y, numel, BLOCK=_BLOCK)
+        _swiglu_fwd_kernel[(triton.cdiv(numel, _BLOCK),)](
+            gate, up, y, numel, gate.shape[-1], stride_g, stride_u, BLOCK=_BLOCK)
     return y
 
 
@@ -95,8 +123,11 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *,
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
-        ctx.save_for_backward(gate, up)
+        if any(ctx.needs_input_grad):
+            gate, up = gate.contiguous(), up.contiguous()
+            ctx.save_for_backward(gate, up)
+        elif row_stride(gate) is None or row_stride(up) is None:
+            gate, up = gate.contiguous(), up.contiguous()
         return swiglu_forward(gate, up)
 
     @staticmethod

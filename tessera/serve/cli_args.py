@@ -37,6 +37,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-tokens", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true", default=None,
                         help="run decode steps eagerly instead of replaying CUDA graphs")
+    parser.add_argument("--no-fuse-projections", dest="fuse_projections",
+                        action="store_false", default=None,
+                        help="keep q/k/v and gate/up as separate products")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads "

@@ -5,7 +5,9 @@ The KV pool's size is given as at most one of `num_kv_blocks`, `kv_cache_tokens`
 `max_num_seqs` sequences of the full context need. Speculative decoding is off unless
 `speculative_method` is "draft" (a draft model passed to the engine) or "ngram" (prompt
 lookup). On CUDA, decode steps replay CUDA graphs captured per batch-size bucket unless
-`enforce_eager`. It knows nothing about models or devices.
+`enforce_eager`. With `fuse_projections` (the default) the engine fuses each layer's q/k/v
+and gate/up projections of the models it is given, in place (`fused_projections.py`). It
+knows nothing about models or devices.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class EngineConfig:
     ngram_max: int = 4
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     max_cuda_graph_batch_size: int = 256  # larger decode batches run eagerly
+    fuse_projections: bool = True  # one product for q/k/v and one for gate/up, in place
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens",
@@ -54,8 +57,10 @@ class EngineConfig:
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ConfigError(f"kv_cache_tokens ({self.kv_cache_tokens}) is smaller than one "
                               f"block ({self.block_size} tokens)")
-        if not isinstance(self.enforce_eager, bool):
-            raise ConfigError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        for name in ("enforce_eager", "fuse_projections"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
         self._check_speculative()
 
     def _check_speculative(self) -> None:

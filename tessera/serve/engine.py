@@ -32,6 +32,7 @@ from tessera.serve.block_manager import BlockManager
 from tessera.serve.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from tessera.serve.cuda_graphs import MAX_GRAPH_QUERY_LEN
 from tessera.serve.detokenizer import IncrementalDetokenizer, find_stop
+from tessera.serve.fused_projections import fuse_projections
 from tessera.serve.kv_pool import blocks_for_budget, bytes_per_block
 from tessera.serve.model_runner import ModelRunner, StaticDecodeSettings
 from tessera.serve.outputs import RequestOutput, request_output
@@ -96,6 +97,10 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model.config.max_seq_len,
                                  model.config.max_seq_len)
         self._check_speculative(model, draft_model)
+        if config.fuse_projections:
+            for each in (model, draft_model):
+                if each is not None:
+                    fuse_projections(each)
         num_blocks = self._num_kv_blocks(model, draft_model)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)

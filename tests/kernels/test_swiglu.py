@@ -50,6 +50,23 @@ def check_launchers(shape, dtype, device):
     assert_close(dup, dup_ref, dtype)
 
 
+def check_strided_halves(shape, dtype, device):
+    """gate and up as the two column halves of one `[..., 2F]` tensor (a fused gate/up
+    projection), and an `up` with padded rows: read in place, output contiguous."""
+    both = (3 * torch.randn(*shape[:-1], 2 * shape[-1], device=device)).to(dtype)
+    gate, up = both.split(shape[-1], dim=-1)
+    if gate.numel() > shape[-1]:  # one row is contiguous whatever its stride
+        assert not gate.is_contiguous() and kernels.row_stride(gate) == 2 * shape[-1]
+    expected = swiglu_reference(gate.double(), up.double())
+    out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+    assert kernels.swiglu_forward(gate, up, out=out) is out
+    assert_close(out, expected, dtype)
+    padded = torch.randn(*shape[:-1], shape[-1] + 5, device=device).to(dtype)[..., :shape[-1]]
+    y = kernels.swiglu(gate, padded)  # no grad: in place
+    assert y.is_contiguous()
+    assert_close(y, swiglu_reference(gate.double(), padded.double()), dtype)
+
+
 def check_autograd(shape, dtype, device):
     gate, up, dy = make_inputs(shape, dtype, device)
     y_ref, dgate_ref, dup_ref = float64_reference(gate, up, dy)
@@ -68,6 +85,21 @@ def check_autograd(shape, dtype, device):
 @pytest.mark.parametrize("shape", SMALL)
 def test_swiglu_interpreted(interpreter, shape, dtype):
     interpreter.run(check_launchers, shape, dtype, "cpu")
+
+
+@pytest.mark.parametrize("shape", SMALL)
+def test_strided_halves_interpreted(interpreter, shape):
+    interpreter.run(check_strided_halves, shape, torch.float32, "cpu")
+
+
+def test_row_stride_sees_which_views_collapse():
+    base = torch.zeros(3, 5, 16)
+    assert kernels.row_stride(base) == 16
+    assert kernels.row_stride(base[..., :8]) == 16
+    assert kernels.row_stride(base[:, :, 8:]) == 16
+    assert kernels.row_stride(base[:, :4, :8]) is None  # rows of two different strides
+    assert kernels.row_stride(base.transpose(1, 2)) is None  # last dim not contiguous
+    assert kernels.row_stride(base[:1, :1, :8]) is not None
 
 
 def test_autograd_interpreted(interpreter):
@@ -93,3 +125,9 @@ def test_swiglu_gpu(shape, dtype):
 @pytest.mark.gpu
 def test_autograd_gpu():
     check_autograd(LARGE[1], torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 1, 5632), (16, 1, 1536), (3, 1001, 1376)])
+def test_strided_halves_gpu(shape):
+    check_strided_halves(shape, torch.bfloat16, "cuda")
