@@ -52,7 +52,7 @@ def quantize_model(model: nn.Module, method: str, *, calibration: torch.Tensor |
 
 def target_linears(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Linear]:
     """Name -> module of every plain `nn.Linear` not matched by a skip pattern."""
-    from tessera.serve.fused_projections import unfuse_projections
+    from tessera.model.fused_projections import unfuse_projections
 
     unfuse_projections(model)  # a model a serving engine has fused: members back first
     targets = {name: m for name, m in model.named_modules()

@@ -6,8 +6,8 @@ The KV pool's size is given as at most one of `num_kv_blocks`, `kv_cache_tokens`
 `speculative_method` is "draft" (a draft model passed to the engine) or "ngram" (prompt
 lookup). On CUDA, decode steps replay CUDA graphs captured per batch-size bucket unless
 `enforce_eager`. With `fuse_projections` (the default) the engine fuses each layer's q/k/v
-and gate/up projections of the models it is given, in place (`fused_projections.py`). It
-knows nothing about models or devices.
+and gate/up projections of the models it is given, in place
+(`tessera/model/fused_projections.py`). It knows nothing about models or devices.
 """
 
 from __future__ import annotations

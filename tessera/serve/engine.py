@@ -27,12 +27,12 @@ from typing import Any, NamedTuple
 import torch
 
 from tessera.errors import ConfigError, RequestError
+from tessera.model.fused_projections import fuse_projections
 from tessera.model.transformer import TesseraForCausalLM
 from tessera.serve.block_manager import BlockManager
 from tessera.serve.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from tessera.serve.cuda_graphs import MAX_GRAPH_QUERY_LEN
 from tessera.serve.detokenizer import IncrementalDetokenizer, find_stop
-from tessera.serve.fused_projections import fuse_projections
 from tessera.serve.kv_pool import blocks_for_budget, bytes_per_block
 from tessera.serve.model_runner import ModelRunner, StaticDecodeSettings
 from tessera.serve.outputs import RequestOutput, request_output

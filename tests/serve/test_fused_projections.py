@@ -1,4 +1,4 @@
-"""Fused q/k/v and gate/up projections (`tessera.serve.fused_projections`) against the
+"""Fused q/k/v and gate/up projections (`tessera.model.fused_projections`) against the
 unfused model: same logits, same engine output, same state dict, and what is left alone."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from tessera.errors import ConfigError
-from tessera.quant import quantize_model
-from tessera.serve.config import EngineConfig
-from tessera.serve.fused_projections import (
+from tessera.model.fused_projections import (
     ProjectionSlice,
     SharedInputProjection,
     fuse_projections,
     is_fused,
     unfuse_projections,
 )
+from tessera.quant import quantize_model
+from tessera.serve.config import EngineConfig
 
 from .helpers import GREEDY, run_engine, tiny_model
 

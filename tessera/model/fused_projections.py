@@ -123,11 +123,7 @@ def unfuse_group(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> 
 
 def unfuse_projections(model: nn.Module) -> int:
     """Undo `fuse_projections`; returns the number of groups split."""
-    split = 0
-    for layer in model.model.layers:
-        split += unfuse_group(layer.self_attn, ATTENTION_GROUP, "qkv_proj")
-        split += unfuse_group(layer.mlp, MLP_GROUP, "gate_up_proj")
-    return split
+    return _each_group(model, unfuse_group)
 
 
 def _split_state(fused_name: str, names: tuple[str, ...], module: nn.Module,
@@ -158,8 +154,14 @@ def is_fused(model: nn.Module) -> bool:
 
 def fuse_projections(model: nn.Module) -> int:
     """Fuse q/k/v and gate/up in every decoder layer of a Tessera model (see above)."""
-    fused = 0
+    return _each_group(model, fuse_group)
+
+
+def _each_group(model: nn.Module, action) -> int:
+    """`action(parent, member names, fused name)` on both groups of every layer; the
+    number of groups it acted on."""
+    done = 0
     for layer in model.model.layers:
-        fused += fuse_group(layer.self_attn, ATTENTION_GROUP, "qkv_proj")
-        fused += fuse_group(layer.mlp, MLP_GROUP, "gate_up_proj")
-    return fused
+        done += action(layer.self_attn, ATTENTION_GROUP, "qkv_proj")
+        done += action(layer.mlp, MLP_GROUP, "gate_up_proj")
+    return done
