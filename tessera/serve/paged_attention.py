@@ -48,7 +48,8 @@ class PaddedBatch:
     k: torch.Tensor
     v: torch.Tensor
     mask: torch.Tensor
-    rows: torch.Tensor  # [S, Tq] row of q; N (one past the end) for padding
+    rows: torch.Tensor | None  # [S, Tq] row of q, N (one past the end) for padding;
+    # None when every sequence has exactly one query row, in order (decode)
 
 
 def _gather_blocks(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -68,19 +69,26 @@ def pad_by_sequence(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     tables = block_tables[:, :num_blocks].long()
     k = _gather_blocks(k_cache, tables)[:, :max_context_len]  # [S, Tk, KVH, D]
     v = _gather_blocks(v_cache, tables)[:, :max_context_len]
+    key_positions = torch.arange(max_context_len, device=q.device)
+    if max_query_len == 1 and q.shape[0] == block_tables.shape[0]:
+        # Decode: one query per sequence, in order; no gather of q and no scatter back.
+        mask = key_positions[None, None, :] < context_lens.long()[:, None, None]
+        return PaddedBatch(q[:, None], k, v, mask, None)
     starts, q_lens = cu_seqlens_q[:-1].long(), (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
     offsets = torch.arange(max_query_len, device=q.device)
     is_real = offsets[None] < q_lens[:, None]  # [S, Tq]
     rows = (starts[:, None] + offsets[None]).masked_fill(~is_real, q.shape[0])
     q_padded = q[rows.clamp(max=q.shape[0] - 1)]  # [S, Tq, H, D]
     q_positions = (context_lens.long() - q_lens)[:, None] + offsets[None]  # [S, Tq]
-    key_positions = torch.arange(max_context_len, device=q.device)
     mask = key_positions[None, None, :] <= q_positions[:, :, None]  # [S, Tq, Tk]
     return PaddedBatch(q_padded, k, v, mask, rows)
 
 
-def unpad(out: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """`[S, Tq, H, D]` back to the flattened `[N, H, D]` (padding rows dropped, no sync)."""
+def unpad(out: torch.Tensor, rows: torch.Tensor | None, num_rows: int) -> torch.Tensor:
+    """`[S, Tq, H, D]` back to the flattened `[N, H, D]` (padding rows dropped, no sync);
+    `rows` None: one row per sequence, in order (decode)."""
+    if rows is None:
+        return out.reshape(num_rows, *out.shape[2:])
     flat = out.new_empty(num_rows + 1, *out.shape[2:])
     flat.index_copy_(0, rows.flatten(), out.flatten(0, 1))
     return flat[:num_rows]

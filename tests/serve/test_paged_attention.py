@@ -56,6 +56,7 @@ def expected(q, contiguous, context_lens, query_lens):
 @pytest.mark.parametrize("context_lens,query_lens", [
     ([5, 13, 1], [5, 3, 1]),  # a whole prompt, a chunk after cached tokens, a decode
     ([7, 30, 9, 17], [1, 1, 1, 1]),  # decodes only
+    ([21], [1]),  # one decode
     ([11, 6], [4, 6]),  # speculative verification of 3 drafts + a prompt
 ])
 def test_matches_attention_over_contiguous_keys(impl, context_lens, query_lens):
