@@ -35,7 +35,8 @@ MLP_GROUP = ("gate_proj", "up_proj")
 
 
 class SharedInputProjection(nn.Module):
-    """`[W_1; ...; W_n]` applied once per input; member i reads columns `splits[i]`."""
+    """`[W_1; ...; W_n]` applied once per input; member i reads output columns
+    `starts[i] : starts[i] + sizes[i]`."""
 
     def __init__(self, linears: list[nn.Linear]):
         super().__init__()
