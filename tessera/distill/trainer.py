@@ -311,7 +311,7 @@ def prepare_models(teacher: nn.Module, student: nn.Module, matcher: nn.Module | 
         fsdp.parallelize(student, mesh)
         if tc.teacher_sharding == "shard":
             fsdp.parallelize(teacher, mesh)
-        if matcher is not None and any(True for _ in matcher.parameters()):
+        if matcher is not None and next(matcher.parameters(), None) is not None:
             fsdp.shard_whole(matcher, mesh)
 
 

@@ -7,8 +7,9 @@ instead of storing it.
 
 The forward also reads row-strided inputs: `gate` and `up` may be column slices of one
 `[..., 2F]` tensor (a fused gate/up projection), as long as each is `[rows, F]` with a
-contiguous last dim and one row stride; the output is contiguous. Without gradients
-nothing is copied; with them the inputs are made contiguous for the backward.
+contiguous last dim and one row stride (other layouts are copied first); the output is
+contiguous. Without gradients nothing is copied; with them the inputs are made contiguous
+for the backward.
 """
 
 from __future__ import annotations
@@ -58,16 +59,15 @@ def _swiglu_bwd_kernel(DY, G, U, DG, DU, numel, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------- launchers
 
 
-def _check(name: str, t: torch.Tensor, like: torch.Tensor, *, contiguous: bool = True
-           ) -> None:
+def _check(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
     assert t.shape == like.shape, f"{name}: shape {tuple(t.shape)}, expected {tuple(like.shape)}"
     assert t.dtype == like.dtype, f"{name}: dtype {t.dtype}, expected {like.dtype}"
     assert t.device == like.device, f"{name}: on {t.device}, expected {like.device}"
-    if contiguous:
-        assert t.is_contiguous(), f"{name} must be contiguous"
-    else:
-        assert row_stride(t) is not None, \
-            f"{name} needs a contiguous last dim and one row stride"
+
+
+def _check_contiguous(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    _check(name, t, like)
+    assert t.is_contiguous(), f"{name} must be contiguous"
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -86,13 +86,18 @@ def row_stride(t: torch.Tensor) -> int | None:
 
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, *,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the forward on `gate` and `up` of one shape and dtype (contiguous, or
-    row-strided: see the module docstring); `out` is contiguous."""
-    _check("gate", gate, gate, contiguous=False)
-    _check("up", up, gate, contiguous=False)
+    """Launch the forward on `gate` and `up` of one shape and dtype, read in place when
+    row-strided (see the module docstring), copied to contiguous otherwise; `out` is
+    contiguous."""
+    _check("gate", gate, gate)
+    _check("up", up, gate)
     stride_g, stride_u = row_stride(gate), row_stride(up)
+    if stride_g is None:
+        gate, stride_g = gate.contiguous(), gate.shape[-1]
+    if stride_u is None:
+        up, stride_u = up.contiguous(), up.shape[-1]
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if out is None else out
-    _check("out", y, gate)
+    _check_contiguous("out", y, gate)
     numel = gate.numel()
     if numel:
         _swiglu_fwd_kernel[(triton.cdiv(numel, _BLOCK),)](
@@ -105,11 +110,11 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward; returns `(dgate, dup)` in the inputs' dtype."""
     for name, t in (("dy", dy), ("gate", gate), ("up", up)):
-        _check(name, t, gate)
+        _check_contiguous(name, t, gate)
     dgate = torch.empty_like(gate) if dgate is None else dgate
     dup = torch.empty_like(up) if dup is None else dup
-    _check("dgate", dgate, gate)
-    _check("dup", dup, gate)
+    _check_contiguous("dgate", dgate, gate)
+    _check_contiguous("dup", dup, gate)
     numel = gate.numel()
     if numel:
         _swiglu_bwd_kernel[(triton.cdiv(numel, _BLOCK),)](dy, gate, up, dgate, dup, numel,
@@ -123,11 +128,9 @@ def swiglu_backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, *,
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
-        if any(ctx.needs_input_grad):
+        if any(ctx.needs_input_grad):  # the backward reads contiguous inputs
             gate, up = gate.contiguous(), up.contiguous()
             ctx.save_for_backward(gate, up)
-        elif row_stride(gate) is None or row_stride(up) is None:
-            gate, up = gate.contiguous(), up.contiguous()
         return swiglu_forward(gate, up)
 
     @staticmethod

@@ -30,20 +30,33 @@ def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
                           env=subprocess_env())
 
 
+def _distill(out, overrides, settings: dict, *, ranks: int, resumes: bool = False
+             ) -> dict[int, float]:
+    """One tiny run in `out` (one process, or two torchrun ranks) that must succeed, and
+    resume from a checkpoint when `resumes`; the run's losses afterwards."""
+    args = overrides(out, **settings)
+    done = _torchrun(args) if ranks == 2 else run_tessera("distill", "--config",
+                                                          "configs/tiny.yaml", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("resumed from" in done.stdout) == resumes
+    losses = csv_losses(out / "metrics.csv")
+    assert list(losses) == [1, 2, 3, 4, 5]
+    return losses
+
+
+def _assert_close(losses: dict[int, float], reference: dict[int, float], steps, tol: float):
+    for step in steps:
+        assert abs(losses[step] - reference[step]) <= tol, (step, reference[step],
+                                                           losses[step])
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_process_and_resume_from_a_sharded_checkpoint(overrides,
                                                                           tmp_path):
-    single = run_tessera("distill", "--config", "configs/tiny.yaml",
-                         *overrides(tmp_path / "one", **STEPS))
-    assert single.returncode == 0, single.stderr
+    one = _distill(tmp_path / "one", overrides, STEPS, ranks=1)
     out = tmp_path / "two"
-    double = _torchrun(overrides(out, **STEPS))
-    assert double.returncode == 0, double.stderr[-3000:]
-
-    one, two = csv_losses(tmp_path / "one/metrics.csv"), csv_losses(out / "metrics.csv")
-    assert list(one) == list(two) == [1, 2, 3, 4, 5]
-    for step in one:
-        assert abs(two[step] - one[step]) <= 1e-5, (step, one[step], two[step])
+    two = _distill(out, overrides, STEPS, ranks=2)
+    _assert_close(two, one, one, 1e-5)
     report = read_json(out / "report.json")
     assert report["world_size"] == 2
     assert abs(report["metrics"]["after"]["ppl"] -
@@ -59,21 +72,8 @@ def test_two_ranks_match_one_process_and_resume_from_a_sharded_checkpoint(overri
     (out / "report.json").unlink()
     solo = tmp_path / "two-resumed-on-one"
     shutil.copytree(out, solo)
-    on_one = run_tessera("distill", "--config", "configs/tiny.yaml",
-                         *overrides(solo, **STEPS))
-    assert on_one.returncode == 0, on_one.stderr[-3000:]
-    assert "resumed from" in on_one.stdout
-    continued = csv_losses(solo / "metrics.csv")
-    assert list(continued) == [1, 2, 3, 4, 5]
-    for step in (4, 5):
-        assert abs(continued[step] - two[step]) <= 1e-5, (step, two[step], continued[step])
-    resumed = _torchrun(overrides(out, **STEPS))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    again = csv_losses(out / "metrics.csv")
-    assert list(again) == [1, 2, 3, 4, 5]
-    for step in (4, 5):
-        assert abs(again[step] - two[step]) <= 1e-7, (step, two[step], again[step])
+    _assert_close(_distill(solo, overrides, STEPS, ranks=1, resumes=True), two, (4, 5), 1e-5)
+    _assert_close(_distill(out, overrides, STEPS, ranks=2, resumes=True), two, (4, 5), 1e-7)
 
 
 @pytest.mark.slow
@@ -83,18 +83,12 @@ def test_the_fused_loss_on_two_ranks_matches_one_process(overrides, tmp_path):
     Two micro-batches per rank: the first accumulates without communication."""
     fused = {**STEPS, "trainer__checkpoint_every": 0, "loss__fused": "true",
              "trainer__train_embeddings": "true", "trainer__global_batch_size": 8}
-    single = run_tessera("distill", "--config", "configs/tiny.yaml",
-                         *overrides(tmp_path / "one", **fused))
-    assert single.returncode == 0, single.stderr
-    double = _torchrun(overrides(tmp_path / "two", **fused))
-    assert double.returncode == 0, double.stderr[-3000:]
+    one = _distill(tmp_path / "one", overrides, fused, ranks=1)
+    two = _distill(tmp_path / "two", overrides, fused, ranks=2)
     report = read_json(tmp_path / "two/report.json")
     assert "fused LM head" in report["loss_path"]
-    one, two = csv_losses(tmp_path / "one/metrics.csv"), csv_losses(tmp_path / "two/metrics.csv")
-    assert list(one) == list(two) == [1, 2, 3, 4, 5]
     assert len(set(one.values())) == 5  # the embeddings train: losses move
-    for step in one:
-        assert abs(two[step] - one[step]) <= 1e-5, (step, one[step], two[step])
+    _assert_close(two, one, one, 1e-5)
 
 
 @pytest.mark.slow
@@ -106,15 +100,8 @@ def test_hidden_state_projections_train_the_same_on_two_ranks(overrides, tmp_pat
                                 "num_kv_heads: 1, intermediate_size: 64}",
               "loss__hidden_weight": "1.0", "loss__layer_map": "{1: 2, 2: 4}",
               "trainer__teacher_sharding": "replicate"}
-    single = run_tessera("distill", "--config", "configs/tiny.yaml",
-                         *overrides(tmp_path / "one", **narrow))
-    assert single.returncode == 0, single.stderr
-    double = _torchrun(overrides(tmp_path / "two", **narrow))
-    assert double.returncode == 0, double.stderr[-3000:]
-    one = csv_losses(tmp_path / "one/metrics.csv")
-    two = csv_losses(tmp_path / "two/metrics.csv")
-    assert list(one) == list(two) == [1, 2, 3, 4, 5]
-    for step in one:
-        assert abs(two[step] - one[step]) <= 1e-5, (step, one[step], two[step])
+    one = _distill(tmp_path / "one", overrides, narrow, ranks=1)
+    two = _distill(tmp_path / "two", overrides, narrow, ranks=2)
+    _assert_close(two, one, one, 1e-5)
     hidden = [float(r["hidden"]) for r in read_csv(tmp_path / "two/metrics.csv")]
     assert all(h > 0 for h in hidden)
