@@ -9,6 +9,7 @@ from tessera.kernels import (  # noqa: F401  (importing registers the ops)
     fused_kd_loss,
     int4_matmul,
     int8_matmul,
+    kv_write,
     paged_decode,
     registry,
     rms_norm,

@@ -10,7 +10,11 @@ Triton kernel: streams int8 weight tiles and dequantises each one inside the K l
 conversion to x's dtype is exact, |q| <= 127), accumulates in fp32 and multiplies by the
 per-channel scale once after the loop, since the scale is constant along K. Two regimes:
 
-- decode-shaped, M <= 16: BLOCK_M = 16 and split-K. Each output tile's K range is divided
+- one row, M = 1 (single-stream decode): a GEMV without tensor cores. Each program owns
+  BLOCK_N output channels and one K range (split-K as below), loads `[BLOCK_N, BLOCK_K]`
+  weight tiles along their contiguous K, multiplies by x elementwise in fp32 and reduces
+  over K once, after the loop. A `tl.dot` would pad the one row to 16.
+- decode-shaped, 1 < M <= 16: BLOCK_M = 16 and split-K. Each output tile's K range is divided
   among SPLIT_K programs so that a handful of rows still occupies every SM; the programs
   write fp32 partial sums into a workspace `[SPLIT_K, M, N]` that a second small kernel adds
   up in a fixed order (deterministic, no atomics) and casts.
@@ -31,6 +35,7 @@ from tessera.kernels import registry
 from tessera.kernels._triton import HAS_TRITON, interpreting, tl, triton
 
 SKINNY_MAX_M = 16  # rows handled by the split-K decode path
+GEMV_BLOCK_N = 16  # output channels per program of the one-row path
 MAX_SPLIT_K = 16
 MIN_K_PER_SPLIT = 512
 GROUP_M = 8
@@ -64,6 +69,11 @@ def autotune_configs(tiles: list[tuple[dict, int, int]], interpreted: dict) -> l
 _SKINNY_CONFIGS = autotune_configs(
     [({"BLOCK_K": 64}, 4, 4), ({"BLOCK_K": 128}, 4, 3), ({"BLOCK_K": 128}, 4, 4),
      ({"BLOCK_K": 128}, 2, 4), ({"BLOCK_K": 256}, 4, 3), ({"BLOCK_K": 256}, 8, 3)],
+    interpreted={"BLOCK_K": 32})
+# One row: BLOCK_N from the launcher (it sets the split), BLOCK_K and warps tuned.
+_GEMV_CONFIGS = autotune_configs(
+    [({"BLOCK_K": k}, w, s) for k, w, s in
+     [(128, 4, 3), (256, 4, 3), (256, 8, 3), (512, 4, 2), (512, 8, 3), (1024, 8, 2)]],
     interpreted={"BLOCK_K": 32})
 _LARGE_CONFIGS = autotune_configs(
     [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, s) for m, n, k, w, s in
@@ -120,6 +130,30 @@ def _int8_matmul_kernel(X, W, S, OUT, M, N, K, M_BUCKET, stride_xm, stride_wn, s
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _int8_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_osplit, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """OUT[split, n] = (X[ks] . W[n, ks]) * S[n] for this program's channels and K range."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    mask_n = offs_n < N
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_first = split * tiles_per_split * BLOCK_K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for i in range(0, tiles_per_split):
+        offs_k = k_first + i * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+        acc += w.to(tl.float32) * x[None, :]
+    scale = tl.load(S + offs_n, mask=mask_n, other=0.0)
+    out = tl.sum(acc, axis=1) * scale
+    tl.store(OUT + split.to(tl.int64) * stride_osplit + offs_n,
+             out.to(OUT.dtype.element_ty), mask=mask_n)
+
+
+_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])(_int8_gemv_kernel)
 _skinny_kernel = triton.autotune(configs=_SKINNY_CONFIGS, key=_TUNE_KEY)(_int8_matmul_kernel)
 _large_kernel = triton.autotune(configs=_LARGE_CONFIGS, key=_TUNE_KEY)(_int8_matmul_kernel)
 
@@ -194,7 +228,9 @@ def int8_matmul_forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     _check_operands(x, weight, scale, out)
     if m == 0 or n == 0:
         return out
-    if m <= SKINNY_MAX_M:
+    if m == 1:
+        _launch_gemv(x, weight, scale, out, split_k)
+    elif m <= SKINNY_MAX_M:
         _launch_skinny(x, weight, scale, out, split_k)
     else:
         _launch_large(x, weight, scale, out)
@@ -212,6 +248,28 @@ def _launch_skinny(x, weight, scale, out, split_k: int | None) -> None:
     _skinny_kernel[grid](x, weight, scale, target, m, n, k, m_bucket(m), x.stride(0),
                          weight.stride(0), n, m * n, BLOCK_M=SKINNY_MAX_M, BLOCK_N=block_n,
                          SPLIT_K=split_k, GROUP=1)
+    if split_k > 1:
+        sum_splits(target, out)
+
+
+def gemv_tiling(n: int, k: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_N, SPLIT_K) for one row: 16 channels a program, and enough K splits for
+    about four programs per SM, each covering >= MIN_K_PER_SPLIT."""
+    tiles = -(-n // GEMV_BLOCK_N)
+    split_k = min(MAX_SPLIT_K, (4 * num_sms(device)) // tiles, k // MIN_K_PER_SPLIT)
+    return GEMV_BLOCK_N, max(1, split_k)
+
+
+def _launch_gemv(x, weight, scale, out, split_k: int | None) -> None:
+    k, n = x.shape[1], weight.shape[0]
+    block_n, chosen = gemv_tiling(n, k, x.device)
+    split_k = chosen if split_k is None else split_k
+    assert split_k >= 1, f"split_k must be >= 1, got {split_k}"
+    target = out if split_k == 1 else torch.empty((split_k, 1, n), dtype=torch.float32,
+                                                  device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, weight, scale, target, n, k, weight.stride(0), n, BLOCK_N=block_n,
+        SPLIT_K=split_k)
     if split_k > 1:
         sum_splits(target, out)
 

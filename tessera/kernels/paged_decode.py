@@ -15,12 +15,15 @@ few for speculative verification). Longer queries (prefill chunks) go to the nex
 implementation (SDPA) instead. Keys and values are read straight from the pool through the
 block table, one gathered row per token, so any block size works.
 
-Pass 1: one program per (sequence, kv head, split). It holds every query row of the kv
+One launch: one program per (sequence, kv head, split). It holds every query row of the kv
 head's group (`q_len * H / KVH` rows, padded to a power of two >= 16) so that each key and
 value is read once per group, and streams the split's range of context positions with an
-online softmax (base 2). With one split it writes the normalised output; with several it
-writes each split's normalised partial output and logsumexp (fp32), and pass 2, one program
-per (sequence, head, query), merges the splits by their logsumexps.
+online softmax (base 2). Where a sequence's context fits in one split, that split writes the
+normalised output. Otherwise each split writes its normalised partial output and logsumexp
+(fp32) and takes a ticket from an atomic counter per (sequence, kv head); the split that
+draws the last ticket merges the partials by their logsumexps, writes the output and resets
+the counter (`split_counters`). No second launch, so a decode step has one attention
+kernel per layer.
 
 The number of splits is chosen from the host ints S, KVH and `max_context_len` so that the
 grid fills the GPU (see `choose_num_splits`); it does not depend on the contents of
@@ -122,8 +125,9 @@ def _attend_split(Q, K, V, BLOCK_TABLES, q_start, q_len, context_len, seq, kv_h,
 @triton.autotune(configs=_configs(), key=["GROUP", "BLOCK_SIZE", "BLOCK_M", "HEAD_DIM",
                                           "SPLIT"])
 @triton.jit
-def _paged_decode_kernel(Q, K, V, OUT, O_PART, LSE_PART, BLOCK_TABLES, CONTEXT_LENS,
-                         CU_SEQLENS_Q, stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
+def _paged_decode_kernel(Q, K, V, OUT, O_PART, LSE_PART, COUNTERS, BLOCK_TABLES,
+                         CONTEXT_LENS, CU_SEQLENS_Q, stride_qn, stride_qh, stride_kb,
+                         stride_kt, stride_kh,
                          stride_vb, stride_vt, stride_vh, stride_on, stride_oh, stride_bt,
                          num_heads, tokens_per_split, qk_scale, GROUP: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -154,41 +158,62 @@ def _paged_decode_kernel(Q, K, V, OUT, O_PART, LSE_PART, BLOCK_TABLES, CONTEXT_L
     # A row may see no position of this split (causal, speculative queries): l = 0.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    out_ptrs = OUT + row[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :]
     if SPLIT:
-        part = (row * num_heads + head) * tl.num_programs(2) + split
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-        tl.store(LSE_PART + part, lse, mask=row_ok)
-        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
+        used = tl.cdiv(context_len, tokens_per_split)  # splits with positions to read
+        if used > 1:
+            _store_partial_or_merge(O_PART, LSE_PART, COUNTERS, out_ptrs, out, m_i, l_i,
+                                    l_safe, row, head, row_ok, out_mask, offs_d, seq, kv_h,
+                                    split, used, num_heads, HEAD_DIM, BLOCK_M, BLOCK_D)
+        else:
+            tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(OUT + row[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
-                 out.to(OUT.dtype.element_ty), mask=out_mask)
+        tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _merge_splits_kernel(O_PART, LSE_PART, OUT, CONTEXT_LENS, CU_SEQLENS_Q, stride_on,
-                         stride_oh, num_heads, num_splits, tokens_per_split,
-                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_idx = tl.program_id(2)
-    q_start = tl.load(CU_SEQLENS_Q + seq)
-    q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_start
-    if q_idx >= q_len:
-        return
-    used = tl.cdiv(tl.load(CONTEXT_LENS + seq), tokens_per_split)  # splits that wrote
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_ok = offs_s < used
-    d_ok = offs_d < HEAD_DIM
-    row = (q_start + q_idx).to(tl.int64)
-    part = (row * num_heads + head) * num_splits + offs_s
-    lse = tl.load(LSE_PART + part, mask=s_ok, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 always sees position 0: max finite
-    o = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=_with_dim_mask(s_ok, offs_d, HEAD_DIM, BLOCK_D), other=0.0)
-    out = tl.sum(weight[:, None] * o, axis=0) / tl.sum(weight, axis=0)
-    tl.store(OUT + row * stride_on + head * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
-             mask=d_ok)
+def _store_partial_or_merge(O_PART, LSE_PART, COUNTERS, out_ptrs, out, m_i, l_i, l_safe, row,
+                            head, row_ok, out_mask, offs_d, seq, kv_h, split, used, num_heads,
+                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """Store this split's partial output and logsumexp, and take a ticket; the split that
+    draws the last one merges every split's partials into the output and resets the
+    counter for the next launch. acq_rel: the other splits' stores are visible to it."""
+    part = (row * num_heads + head) * tl.num_programs(2) + split
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    tl.store(LSE_PART + part, lse, mask=row_ok)
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=out_mask)
+    counter = COUNTERS + seq * tl.num_programs(1) + kv_h
+    tl.debug_barrier()  # every thread's stores above precede the ticket (its release)
+    if tl.atomic_add(counter, 1, sem="acq_rel") == used - 1:
+        tl.atomic_xchg(counter, 0)
+        tl.debug_barrier()  # every thread reads the partials after the ticket (acquire)
+        first = (row * num_heads + head) * tl.num_programs(2)
+        merged = _merge_splits(O_PART, LSE_PART, first, used, row_ok, out_mask, offs_d,
+                               HEAD_DIM, BLOCK_M, BLOCK_D)
+        tl.store(out_ptrs, merged.to(out_ptrs.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_splits(O_PART, LSE_PART, first, used, row_ok, out_mask, offs_d,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows' outputs from their `used` partial outputs at parts `first + s`, weighted by
+    their logsumexps (online, base 2). Split 0 always sees position 0, so the running
+    max is finite from the first split on (rows past the query: lse 0, never stored)."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, used):
+        lse = tl.load(LSE_PART + first + s, mask=row_ok, other=0.0, cache_modifier=".cg")
+        o = tl.load(O_PART + (first + s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=out_mask, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)
+        weight = tl.exp2(lse - m_new)
+        total = total * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * o
+        m = m_new
+    return acc / total[:, None]
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -203,6 +228,26 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int,
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     wanted = -(-4 * num_sms // max(1, num_seqs * num_kv_heads))
     return max(1, min(wanted, -(-max_context_len // 256), _MAX_GRID_YZ))
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 1 << 14
+
+
+def split_counters(device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` zeroed int32 counters on `device`, one per (sequence, kv head): how
+    many splits have finished. Every launch leaves them at zero again (the last split
+    resets its counter), so one buffer per device serves every launch and every CUDA graph.
+    NOTE: launches must not overlap (one stream), and the buffer can grow only outside
+    graph capture: run each shape eagerly once before capturing it."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged decode: split counters must grow while capturing a "
+                               "CUDA graph; run this shape once eagerly first")
+        counters = torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -263,24 +308,20 @@ def paged_decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         tokens_per_split = -(-max_context_len // num_splits)
     num_splits = -(-max_context_len // tokens_per_split)
     split = num_splits > 1
-    o_part = lse_part = out  # placeholders, never touched with one split
+    o_part = lse_part = counters = out  # placeholders, never touched with one split
     if split:
         lse_part = torch.empty(num_rows, num_heads, num_splits, dtype=torch.float32,
                                device=q.device)
         o_part = torch.empty(num_rows, num_heads, num_splits, head_dim, dtype=torch.float32,
                              device=q.device)
+        counters = split_counters(q.device, num_seqs * num_kv_heads)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, o_part, lse_part, block_tables, context_lens, cu_seqlens_q,
-        *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], *out.stride()[:2],
-        block_tables.stride(0), num_heads, tokens_per_split, _LOG2E / math.sqrt(head_dim),
-        GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        q, k_cache, v_cache, out, o_part, lse_part, counters, block_tables, context_lens,
+        cu_seqlens_q, *q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        *out.stride()[:2], block_tables.stride(0), num_heads, tokens_per_split,
+        _LOG2E / math.sqrt(head_dim), GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_M=max(16, triton.next_power_of_2(max_query_len * group)), BLOCK_D=block_d,
         SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    if split:
-        _merge_splits_kernel[(num_seqs, num_heads, max_query_len)](
-            o_part, lse_part, out, context_lens, cu_seqlens_q, *out.stride()[:2], num_heads,
-            num_splits, tokens_per_split, HEAD_DIM=head_dim,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=4)
     return out
 
 

@@ -36,10 +36,11 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(norm(x + residual), x + residual)` in one fused op; the sum keeps x's dtype
-        (under autocast the residual stream stays fp32 while bf16 outputs join it)."""
+        """`(norm(x + residual), x + residual)` in one fused op; the sum keeps the
+        residual's dtype, the stream's (under autocast the stream stays fp32 while bf16
+        outputs join it)."""
         add_rms_norm = registry.get("add_rms_norm", x.device)
-        return add_rms_norm(x, residual.to(x.dtype), self.weight, self.eps)
+        return add_rms_norm(x.to(residual.dtype), residual, self.weight, self.eps)
 
 
 class MLP(nn.Module):
@@ -91,7 +92,13 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    The residual stream is carried in two parts so that every residual add fuses with the
+    norm after it: the layer takes `(x, residual)`, where the stream is `x + residual`
+    (`residual` None for the first layer, whose stream is `x` alone), and returns the
+    MLP's output with the stream before it; the next layer (or the final norm) adds them.
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -100,11 +107,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                ctx: AttentionContext) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(x), cos, sin, ctx)
-        normed, x = self.post_attention_layernorm.add_and_norm(x, attn_out)
-        return x + self.mlp(normed)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, ctx: AttentionContext
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            normed, residual = self.input_layernorm(x), x
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(x, residual)
+        attn_out = self.self_attn(normed, cos, sin, ctx)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attn_out, residual)
+        return self.mlp(normed), residual
 
 
 class Decoder(nn.Module):
@@ -133,11 +145,12 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)  # [B, T, d]
         cos, sin = rope_cos_sin(positions, self.inv_freq(x.device), x.dtype)
         kept = {0: x} if 0 in hidden_layers else {}
+        residual = None
         for i, layer in enumerate(self.layers, start=1):
-            x = layer(x, cos, sin, ctx)
+            x, residual = layer(x, residual, cos, sin, ctx)
             if i in hidden_layers:
-                kept[i] = x
-        return self.norm(x), kept
+                kept[i] = residual + x.to(residual.dtype)  # block i's output (the stream)
+        return self.norm.add_and_norm(x, residual)[0], kept  # config: at least one layer
 
 
 @dataclass

@@ -8,7 +8,9 @@ as a CUDA graph and replayed every step after with no Python in the model's path
 
 - Static buffers, allocated once at their largest size: token ids, positions, slot mapping,
   block tables `[max_batch, blocks_per_seq]`, context lengths; each bucket's graph reads a
-  leading slice of them. Only the columns of the block tables that this step's sequences use
+  leading slice of them. A step uploads its values (padding rows included) through pinned
+  host mirrors (`pinned_uploads.py`): no allocation and no device op besides the copies.
+  Only the columns of the block tables that this step's sequences use
   are written; the attention op never reads a table entry past a sequence's context, so
   stale entries beyond it are harmless.
 - Padding rows (the bucket's size past the real batch) compute a sequence of `q` tokens at
@@ -17,8 +19,9 @@ as a CUDA graph and replayed every step after with no Python in the model's path
   through the whole model, so padding never changes a real row's output.
 - `max_context_len`, the host int the attention op sizes its grid from, is the engine's
   `max_model_len` for every graph, so a captured launch covers every context.
-- The graph computes logits for every row; the requested rows are picked after the replay
-  (a new tensor, so the graph's output buffer may be reused by the next replay).
+- The graph computes logits for every row; the requested rows are picked after the replay.
+  When they are the first rows (a decode step), the result is a view of the graph's output
+  buffer, valid until the next replay; otherwise a new tensor.
 
 On the CPU (and with `use_graphs=False`) the same padded forward runs eagerly: that is how
 the static path is tested without a GPU. Capture needs the kernels warmed up first (Triton
@@ -31,9 +34,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tessera.serve.paged_attention import AttentionGroup, PagedAttentionMetadata
+from tessera.serve.pinned_uploads import PinnedUploads
 
 MAX_GRAPH_QUERY_LEN = 8  # longest per-sequence query captured (the paged kernel's limit)
 
@@ -63,6 +68,7 @@ class StaticBuffers:
     block_tables: torch.Tensor  # int32 [max_batch, blocks_per_seq]
     context_lens: torch.Tensor  # int32 [max_batch]
     cu_seqlens_q: dict[int, torch.Tensor]  # per q: int32 [max_batch + 1] = arange * q
+    logits_rows: torch.Tensor  # int64 [max_batch * max_q]: rows of the logits returned
 
 
 class StaticDecodeRunner:
@@ -90,6 +96,11 @@ class StaticDecodeRunner:
         self.query_lens = tuple(sorted(set(query_lens)))
         self.use_graphs = use_graphs
         self.buffers = self._allocate(max_batch_size, max(self.query_lens))
+        b = self.buffers
+        self.uploads = PinnedUploads({
+            "input_ids": b.input_ids, "positions": b.positions, "slot_mapping": b.slot_mapping,
+            "block_tables": b.block_tables, "context_lens": b.context_lens,
+            "logits_rows": b.logits_rows})
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
@@ -109,6 +120,7 @@ class StaticDecodeRunner:
                                     dtype=torch.int32, device=self.device),
             context_lens=zeros(max_batch, dtype=torch.int32),
             cu_seqlens_q={q: ones * q for q in self.query_lens},
+            logits_rows=zeros(rows, dtype=torch.int64),
         )
 
     def capture(self) -> None:
@@ -118,7 +130,7 @@ class StaticDecodeRunner:
         self._pool = torch.cuda.graph_pool_handle()
         for q in self.query_lens:
             for bucket in reversed(self.buckets):
-                self._fill_padding(0, bucket, q)
+                self._fill([], bucket, q)
                 self._run_static(bucket, q)  # warm-up: Triton autotuning, lazy inits
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
@@ -139,7 +151,9 @@ class StaticDecodeRunner:
         return bucket, q
 
     def forward(self, items: Sequence[StaticItem], key: tuple[int, int]) -> torch.Tensor:
-        """Logits `[R, V]` (fp32) of the rows the items ask for, as the eager path gives."""
+        """Logits `[R, V]` (fp32) of the rows the items ask for, as the eager path gives.
+        NOTE: valid until the next call; the result may be a view of the graph's output
+        buffer, which the next replay overwrites."""
         bucket, q = key
         self._fill(items, bucket, q)
         if self.use_graphs:
@@ -147,7 +161,7 @@ class StaticDecodeRunner:
             graph.replay()
         else:
             logits = self._run_static(bucket, q)
-        return logits.index_select(0, self._logits_rows(items, q))
+        return self._logits(logits, items, q)
 
     def _run_static(self, bucket: int, q: int) -> torch.Tensor:
         b, rows = self.buffers, bucket * q
@@ -160,7 +174,9 @@ class StaticDecodeRunner:
 
     # ------------------------------------------------------------------ inputs
     def _fill(self, items: Sequence[StaticItem], bucket: int, q: int) -> None:
-        size = self.block_size
+        """Upload the items' inputs, then padding rows up to `bucket`: q tokens at
+        positions 0..q-1 in the padding block."""
+        size, pad = self.block_size, self.padding_block
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -169,37 +185,35 @@ class StaticDecodeRunner:
             input_ids.extend(item.token_ids)
             positions.extend(span)
             slots.extend(item.block_table[p // size] * size + p % size for p in span)
-        width = max(-(-(item.start + q) // size) for item in items)
+        width = max([-(-(item.start + q) // size) for item in items], default=1)
         tables = [list(item.block_table[:width]) for item in items]
-        tables = [row + [self.padding_block] * (width - len(row)) for row in tables]
-        b, n = self.buffers, len(items) * q
-        self._copy(b.input_ids[:n], input_ids, torch.int64)
-        self._copy(b.positions[:n], positions, torch.int64)
-        self._copy(b.slot_mapping[:n], slots, torch.int64)
-        self._copy(b.block_tables[:len(items), :width], tables, torch.int32)
-        self._copy(b.context_lens[:len(items)], [item.start + q for item in items],
-                   torch.int32)
-        self._fill_padding(len(items), bucket, q)
+        num_padding = bucket - len(items)
+        tables = [row + [pad] * (width - len(row)) for row in tables] + \
+            [[pad] * width] * num_padding
+        input_ids += [0] * (num_padding * q)
+        positions += list(range(q)) * num_padding
+        slots += [pad * size + offset for offset in range(q)] * num_padding
+        context_lens = [item.start + q for item in items] + [q] * num_padding
+        rows = bucket * q
+        with self.uploads.round():
+            self.uploads.upload("input_ids", np.s_[:rows], input_ids)
+            self.uploads.upload("positions", np.s_[:rows], positions)
+            self.uploads.upload("slot_mapping", np.s_[:rows], slots)
+            self.uploads.upload("block_tables", np.s_[:bucket, :width], tables)
+            self.uploads.upload("context_lens", np.s_[:bucket], context_lens)
+            if not self._is_last_rows(items, q):
+                logits_rows = [s * q + q - item.num_logits + i
+                               for s, item in enumerate(items) for i in range(item.num_logits)]
+                self.uploads.upload("logits_rows", np.s_[:len(logits_rows)], logits_rows)
 
-    def _fill_padding(self, first: int, bucket: int, q: int) -> None:
-        """Rows `first..bucket-1`: q tokens at positions 0..q-1 in the padding block."""
-        if first == bucket:
-            return
-        b, lo, hi = self.buffers, first * q, bucket * q
-        offsets = torch.arange(q, device=self.device).repeat(bucket - first)
-        b.input_ids[lo:hi] = 0
-        b.positions[lo:hi] = offsets
-        b.slot_mapping[lo:hi] = self.padding_block * self.block_size + offsets
-        b.block_tables[first:bucket, 0] = self.padding_block
-        b.context_lens[first:bucket] = q
+    @staticmethod
+    def _is_last_rows(items: Sequence[StaticItem], q: int) -> bool:
+        """Whether the rows wanted are row 0.. of each item's single token."""
+        return q == 1 and all(item.num_logits == 1 for item in items)
 
-    def _copy(self, destination: torch.Tensor, data: list, dtype: torch.dtype) -> None:
-        source = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            source = source.pin_memory()
-        destination.copy_(source.view(destination.shape), non_blocking=True)
-
-    def _logits_rows(self, items: Sequence[StaticItem], q: int) -> torch.Tensor:
-        rows = [s * q + q - item.num_logits + i for s, item in enumerate(items)
-                for i in range(item.num_logits)]
-        return torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+    def _logits(self, logits: torch.Tensor, items: Sequence[StaticItem],
+                q: int) -> torch.Tensor:
+        if self._is_last_rows(items, q):
+            return logits[:len(items)]  # NOTE: a view of the graph's output (see forward)
+        num_rows = sum(item.num_logits for item in items)
+        return logits.index_select(0, self.buffers.logits_rows[:num_rows])

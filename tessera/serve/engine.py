@@ -256,7 +256,9 @@ class LLMEngine:
                                                         if e.is_sampling)}
         sampling = [e for e in batch.entries if e.is_sampling]
         rows = [row_of[(e.sibling_of or e.seq).seq_id] for e in sampling]
-        tokens = self.sampler.sample(logits[rows], [SamplingRow(e.seq) for e in sampling])
+        if rows != list(range(logits.shape[0])):
+            logits = logits[rows]
+        tokens = self.sampler.sample(logits, [SamplingRow(e.seq) for e in sampling])
         return {e.seq.seq_id: [token] for e, token in zip(sampling, tokens, strict=True)}
 
     def _postprocess(self, batch: ScheduledBatch, sampled: SampledTokens

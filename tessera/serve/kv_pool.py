@@ -2,8 +2,8 @@
 
 Allocated once, up front, by the model runner that owns it; sized by a block count
 (`blocks_for_budget` turns a token or byte budget into one). `write` stores one layer's new
-keys and values at their slots (slot = block id * block_size + offset in the block);
-`copy_blocks` performs the block manager's copy-on-write copies. Which block belongs to
+keys and values at their slots (slot = block id * block_size + offset in the block; op
+"kv_write"); `copy_blocks` performs the block manager's copy-on-write copies. Which block belongs to
 which sequence is the block manager's business, not this module's.
 """
 
@@ -13,6 +13,7 @@ import torch
 
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError
+from tessera.kernels import registry
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -60,8 +61,7 @@ class KVPool:
               v: torch.Tensor) -> None:
         """Store k, v `[N, KVH, D]` at slots `[N]` (int64) of layer `layer_idx`."""
         keys, values = self.layer(layer_idx)
-        keys.view(-1, *keys.shape[2:]).index_copy_(0, slot_mapping, k)
-        values.view(-1, *values.shape[2:]).index_copy_(0, slot_mapping, v)
+        registry.get("kv_write", k.device)(k, v, keys, values, slot_mapping)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks, every layer: `(source, destination)` pairs."""

@@ -165,7 +165,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
-        """Write the items' keys and values into the pool; logits `[R, V]` (fp32)."""
+        """Write the items' keys and values into the pool; logits `[R, V]` (fp32).
+        NOTE: read them before the next forward: from the static path they may be a view
+        of a CUDA graph's output buffer, which the next replay overwrites."""
         key = self.static.key(items) if self.static is not None else None
         if key is not None:
             with self.timer.measure():

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tessera.kernels import registry
 from tessera.serve.kv_pool import KVPool
@@ -118,8 +119,17 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     b = pad_by_sequence(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
                         max_query_len, max_context_len)
     qt, kt, vt = (x.transpose(1, 2) for x in (b.q, b.k, b.v))  # [S, heads, T, D]
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=b.mask[:, None],
-                                         enable_gqa=q.shape[1] != k_cache.shape[2])
+    group = q.shape[1] // k_cache.shape[2]
+    if q.is_cuda:
+        # NOTE: with a mask and GQA, SDPA would pick cuDNN, which builds a new plan for
+        # every new shape (tens of ms each; prefill chunks rarely repeat a shape). The
+        # memory-efficient kernel takes any shape but not GQA: repeat the kv heads.
+        kt, vt = (x.repeat_interleave(group, dim=1) for x in (kt, vt))
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=b.mask[:, None])
+    else:
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=b.mask[:, None],
+                                             enable_gqa=group > 1)
     return unpad(out.transpose(1, 2), b.rows, q.shape[0])
 
 

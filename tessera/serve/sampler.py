@@ -54,9 +54,15 @@ class Sampler:
 
     # ------------------------------------------------------------------ 1. process
     def process(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
-        logits = logits.float().clone()
-        for i, row in enumerate(rows):
-            params = row.seq.params
+        """The processed logits; `logits` itself is never modified (it may be a view of a
+        CUDA graph's output), and is returned as is when no row changes it."""
+        logits = logits.float()
+        edited = [i for i, row in enumerate(rows) if row.seq.params.has_penalties
+                  or row.num_generated < row.seq.params.min_tokens]
+        if edited:
+            logits = logits.clone()
+        for i in edited:
+            row, params = rows[i], rows[i].seq.params
             if row.num_generated < params.min_tokens:
                 logits[i, list(self.suppressed_ids(row))] = float("-inf")
             if params.has_penalties:
@@ -64,7 +70,7 @@ class Sampler:
                                             [*row.seq.output_ids, *row.draft_ids], params)
         temperatures = [r.seq.params.temperature or 1.0 for r in rows]
         if any(t != 1.0 for t in temperatures):
-            logits /= torch.tensor(temperatures, device=logits.device)[:, None]
+            logits = logits / torch.tensor(temperatures, device=logits.device)[:, None]
         return logits
 
     def suppressed_ids(self, row: SamplingRow) -> set[int]:

@@ -2,8 +2,9 @@
 
 Interpreter tests run the checks below in the Triton-interpreter child process (see
 conftest.py) at small shapes on CPU, covering the decode path (M <= 16, with and without
-split-K) and the tiled path (M > 16), with K a multiple of 96 that is not a multiple of the
-K tile and N = 80, not a multiple of the N tile. `gpu` tests run them compiled at full size.
+split-K; M = 1 takes the GEMV kernel) and the tiled path (M > 16), with K a multiple of 96
+that is not a multiple of the K tile and N = 80, not a multiple of the N tile. `gpu` tests
+run them compiled at full size.
 Outputs are poisoned with NaN before each launch, so an element never written fails.
 """
 
@@ -20,9 +21,9 @@ from tessera.kernels import int8_matmul as kernels
 from tessera.kernels import registry
 from tessera.kernels.int8_matmul import int8_matmul_reference
 
-SMALL = [(3, 288, 80), (1, 96, 80), (16, 192, 48), (37, 288, 80)]  # (M, K, N)
-LARGE = [(1, 4096, 4096), (4, 4096, 14336), (16, 14336, 4096), (333, 4096, 4096),
-         (2048, 4096, 1000)]
+SMALL = [(3, 288, 80), (1, 96, 80), (1, 288, 37), (16, 192, 48), (37, 288, 80)]  # (M, K, N)
+LARGE = [(1, 4096, 4096), (1, 14336, 4096), (1, 576, 1728), (4, 4096, 14336),
+         (16, 14336, 4096), (333, 4096, 4096), (2048, 4096, 1000)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -119,6 +120,7 @@ def test_int8_matmul_gpu(shape, dtype):
 @pytest.mark.parametrize("split_k", [1, 5])
 def test_int8_matmul_forced_split_gpu(split_k):
     check_launcher((7, 4096, 1000), torch.bfloat16, "cuda", split_k)
+    check_launcher((1, 4096, 1000), torch.bfloat16, "cuda", split_k)
 
 
 @pytest.mark.gpu

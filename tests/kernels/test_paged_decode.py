@@ -104,10 +104,13 @@ def check_paged_decode(case: Case, dtype: torch.dtype, device: str):
     q, k_cache, v_cache, kwargs, contiguous = make_inputs(case, dtype, device)
     expected = float64_reference(q, contiguous, case)
     out = torch.full_like(q, float("nan"))
-    returned = kernels.paged_decode_forward(q, k_cache, v_cache, **kwargs,
-                                            num_splits=case.num_splits, out=out)
-    assert returned is out
-    assert_close(out, expected, dtype)
+    for _ in range(2):  # the second launch relies on the first having reset the counters
+        out.fill_(float("nan"))
+        returned = kernels.paged_decode_forward(q, k_cache, v_cache, **kwargs,
+                                                num_splits=case.num_splits, out=out)
+        assert returned is out
+        assert_close(out, expected, dtype)
+        assert not kernels.split_counters(q.device, 1).any(), "split counters left non-zero"
 
 
 def check_strided_query_view(case: Case, dtype: torch.dtype, device: str):
