@@ -128,8 +128,11 @@ def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=b.mask[:, None])
     else:
+        # NOTE: SDPA's CPU kernel with a mask runs bf16/fp16 several times slower than
+        # fp32 (1.7 ms vs 0.4 ms a layer at 16 decodes x 160 keys): attend in fp32.
+        qt, kt, vt = (x.float() for x in (qt, kt, vt))
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=b.mask[:, None],
-                                             enable_gqa=group > 1)
+                                             enable_gqa=group > 1).to(q.dtype)
     return unpad(out.transpose(1, 2), b.rows, q.shape[0])
 
 

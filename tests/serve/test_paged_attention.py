@@ -67,20 +67,33 @@ def test_matches_attention_over_contiguous_keys(impl, context_lens, query_lens):
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sdpa_on_cuda_matches_attention_over_contiguous_keys(dtype):
-    """The CUDA branch (kv heads repeated, memory-efficient kernel) on chunks and decodes."""
+def check_sdpa_in_dtype(device: str, dtype: torch.dtype) -> None:
+    """Chunks and decodes in `dtype` against fp32 attention over the rounded inputs."""
     context_lens, query_lens = [37, 130, 9], [37, 61, 1]
     q, k_cache, v_cache, kwargs, contiguous = build_case(context_lens, query_lens,
                                                          num_blocks=64)
-    cuda = {name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
-    out = paged_attention_sdpa(q.cuda().to(dtype), k_cache.cuda().to(dtype),
-                               v_cache.cuda().to(dtype), **cuda)
+    moved = {name: t.to(device) if isinstance(t, torch.Tensor) else t
+             for name, t in kwargs.items()}
+    out = paged_attention_sdpa(q.to(device, dtype), k_cache.to(device, dtype),
+                               v_cache.to(device, dtype), **moved)
+    assert out.dtype == dtype
     want = expected(q.to(dtype).float(), [(k.to(dtype).float(), v.to(dtype).float())
                                           for k, v in contiguous], context_lens, query_lens)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double().cpu(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_on_cpu_in_low_precision(dtype):
+    """The CPU branch attends in fp32 whatever the pool's dtype."""
+    check_sdpa_in_dtype("cpu", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_on_cuda_matches_attention_over_contiguous_keys(dtype):
+    """The CUDA branch (kv heads repeated, memory-efficient kernel) on chunks and decodes."""
+    check_sdpa_in_dtype("cuda", dtype)
 
 
 def test_registered_with_a_reference():
