@@ -2,13 +2,14 @@
 
     python benchmarks/bench_hf_generate.py
     python benchmarks/bench_hf_generate.py --batch-sizes 16 1 --prompt-len 128 --new-tokens 64
-    python benchmarks/bench_hf_generate.py --threads 1
+    python benchmarks/bench_hf_generate.py --threads 1 --dtype bfloat16
 
 For each batch size it generates exactly `--new-tokens` tokens (greedy, EOS ignored) for a
 batch of `--prompt-len` random token ids, after one short warm-up, and prints the output
 throughput (batch x new tokens / wall time) as a line of JSON per batch size. The model
 is `smollm2-135m-instruct` resolved by Tessera's registry and loaded by transformers with
-`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` in float32.
+`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` in `--dtype` (float32 unless
+told).
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads "
                         "(default: torch's choice)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     return parser.parse_args()
 
 
-def load(source: str):
+def load(source: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
     from tessera.checkpoint.registry import resolve
 
     path = resolve(source)
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                dtype=torch.float32).eval()
+                                                dtype=getattr(torch, dtype)).eval()
 
 
 @torch.inference_mode()
@@ -58,7 +60,7 @@ def main() -> None:
     args = parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model = load(args.model)
+    model = load(args.model, args.dtype)
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     generate_seconds(model, torch.randint(0, vocab, (1, 8), generator=gen), 2)  # warm up
@@ -69,7 +71,7 @@ def main() -> None:
             "batch_size": batch_size, "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "seconds": round(seconds, 3),
             "output_tok_per_s": round(batch_size * args.new_tokens / seconds, 2),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(), "dtype": args.dtype,
         }), flush=True)
 
 

@@ -3,14 +3,16 @@ transformers' static-batch `generate` as the same-run baseline.
 
     python benchmarks/bench_serve_cpu.py
     python benchmarks/bench_serve_cpu.py --num-prompts 32 --threads 1 --out /tmp/serve.json
+    python benchmarks/bench_serve_cpu.py --dtype bfloat16 --baseline-dtypes float32 bfloat16
 
 Steps, one after the other so they never share the CPU: (1) the baseline
-(`benchmarks/bench_hf_generate.py`, batch 16 and batch 1, 128 prompt + 64 new tokens) in
-a subprocess; (2) a `python -m tessera.serve.api smollm2-135m-instruct` server on
-127.0.0.1; (3) `run_bench` at concurrency 16 (`--num-prompts` prompts) and at concurrency
-1 (4 prompts), each 128 random prompt tokens -> exactly 64 output tokens; (4) the baseline
-again, so a change in the machine's load shows as a difference between the two. It prints
-everything and the ratios: serving output tok/s over the baseline's batch-16 tok/s, and
+(`benchmarks/bench_hf_generate.py`, batch 16 and batch 1, 128 prompt + 64 new tokens, in
+each of `--baseline-dtypes`) in a subprocess; (2) a `python -m tessera.serve.api
+smollm2-135m-instruct --dtype DTYPE` server on 127.0.0.1; (3) `run_bench` at concurrency
+16 (`--num-prompts` prompts) and at concurrency 1 (4 prompts), each 128 random prompt
+tokens -> exactly 64 output tokens; (4) the baseline again, so a change in the machine's
+load shows as a difference between the two. It prints everything and the ratios, for
+each baseline dtype: serving output tok/s over the baseline's batch-16 tok/s, and
 single-stream decode tok/s (1 / mean TPOT) over the baseline's batch-1 tok/s (baseline:
 the mean of the runs before and after).
 """
@@ -42,6 +44,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the "
                         "baseline and the server (default: torch's choice)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the server's weights")
+    parser.add_argument("--baseline-dtypes", nargs="+", default=["float32"],
+                        choices=("float32", "bfloat16"))
     parser.add_argument("--out", default=None, help="write every figure here as JSON")
     return parser.parse_args()
 
@@ -50,18 +56,23 @@ def _threads_args(threads: int | None) -> list[str]:
     return [] if threads is None else ["--threads", str(threads)]
 
 
-def baseline(threads: int | None) -> dict[int, dict]:
-    result = subprocess.run([sys.executable, str(HERE / "bench_hf_generate.py"),
-                             *_threads_args(threads)],
-                            capture_output=True, text=True, check=True, timeout=3600)
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    return {row["batch_size"]: row for row in rows}
+def baseline(threads: int | None, dtypes: list[str]) -> dict[str, dict[int, dict]]:
+    """{dtype: {batch size: transformers' figures}}."""
+    figures = {}
+    for dtype in dtypes:
+        result = subprocess.run([sys.executable, str(HERE / "bench_hf_generate.py"),
+                                 "--dtype", dtype, *_threads_args(threads)],
+                                capture_output=True, text=True, check=True, timeout=3600)
+        rows = [json.loads(line) for line in result.stdout.splitlines()
+                if line.startswith("{")]
+        figures[dtype] = {row["batch_size"]: row for row in rows}
+    return figures
 
 
-def start_server(port: int, threads: int | None) -> subprocess.Popen:
+def start_server(port: int, threads: int | None, dtype: str) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "tessera.serve.api", MODEL,
                                 "--port", str(port), "--log-level", "warning",
-                                *_threads_args(threads)])
+                                "--dtype", dtype, *_threads_args(threads)])
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
@@ -82,7 +93,7 @@ def free_port() -> int:
 def measure_server(args: argparse.Namespace) -> tuple[dict, dict, str]:
     """(concurrent bench, single-stream bench, final /metrics text) of a fresh server."""
     port = free_port()
-    server = start_server(port, args.threads)
+    server = start_server(port, args.threads, args.dtype)
     url = f"http://127.0.0.1:{port}"
     try:
         batched = run_bench(url, num_prompts=args.num_prompts, concurrency=args.concurrency,
@@ -99,30 +110,34 @@ def measure_server(args: argparse.Namespace) -> tuple[dict, dict, str]:
 def ratios(batched: dict, single: dict, before: dict, after: dict) -> dict:
     decode = 1e3 / single["tpot_ms"]["mean"]
     figures = {"single_stream_decode_tok_per_s": decode}
-    if before and after:
-        hf = {size: (before[size]["output_tok_per_s"] + after[size]["output_tok_per_s"]) / 2
-              for size in before}
-        figures["ratio_concurrent_vs_hf_batch16"] = batched["output_throughput"] / hf[16]
-        figures["ratio_single_decode_vs_hf_batch1"] = decode / hf[1]
+    for dtype in before:
+        hf = {size: (before[dtype][size]["output_tok_per_s"]
+                     + after[dtype][size]["output_tok_per_s"]) / 2 for size in before[dtype]}
+        figures[f"ratio_concurrent_vs_hf_{dtype}_batch16"] = \
+            batched["output_throughput"] / hf[16]
+        figures[f"ratio_single_decode_vs_hf_{dtype}_batch1"] = decode / hf[1]
     return figures
 
 
 def main() -> None:
     args = parse_args()
     print(f"load average before: {os.getloadavg()}", flush=True)
-    before = {} if args.skip_baseline else baseline(args.threads)
+    dtypes = [] if args.skip_baseline else args.baseline_dtypes
+    before = baseline(args.threads, dtypes)
     batched, single, metrics = measure_server(args)
-    after = {} if args.skip_baseline else baseline(args.threads)
-    for label, rows in (("before", before), ("after", after)):
-        for row in rows.values():
-            print(f"transformers generate ({label}): {json.dumps(row)}", flush=True)
+    after = baseline(args.threads, dtypes)
+    for label, figures in (("before", before), ("after", after)):
+        for rows in figures.values():
+            for row in rows.values():
+                print(f"transformers generate ({label}): {json.dumps(row)}", flush=True)
     print("\n".join(line for line in metrics.splitlines()
                     if line.startswith(("tessera:engine_", "tessera:num_preemptions_total"))))
     summary = {**ratios(batched, single, before, after), "load_average_after": os.getloadavg()}
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(
-            {**summary, "threads": args.threads, "serve_concurrent": batched,
+            {**summary, "threads": args.threads, "dtype": args.dtype,
+             "serve_concurrent": batched,
              "serve_single": single, "hf_generate_before": before,
              "hf_generate_after": after}, indent=2))
 
