@@ -35,9 +35,10 @@ from tessera.kernels import registry
 from tessera.kernels._triton import HAS_TRITON, interpreting, tl, triton
 
 SKINNY_MAX_M = 16  # rows handled by the split-K decode path
-GEMV_BLOCK_N = 16  # output channels per program of the one-row path
+GEMV_BLOCK_N = 8  # output channels per program of the one-row path
 MAX_SPLIT_K = 16
 MIN_K_PER_SPLIT = 512
+MIN_K_PER_GEMV_SPLIT = 2048
 GROUP_M = 8
 _REDUCE_BLOCK = 1024
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -70,11 +71,11 @@ _SKINNY_CONFIGS = autotune_configs(
     [({"BLOCK_K": 64}, 4, 4), ({"BLOCK_K": 128}, 4, 3), ({"BLOCK_K": 128}, 4, 4),
      ({"BLOCK_K": 128}, 2, 4), ({"BLOCK_K": 256}, 4, 3), ({"BLOCK_K": 256}, 8, 3)],
     interpreted={"BLOCK_K": 32})
-# One row: BLOCK_N from the launcher (it sets the split), BLOCK_K and warps tuned.
-_GEMV_CONFIGS = autotune_configs(
-    [({"BLOCK_K": k}, w, s) for k, w, s in
-     [(128, 4, 3), (256, 4, 3), (256, 8, 3), (512, 4, 2), (512, 8, 3), (1024, 8, 2)]],
-    interpreted={"BLOCK_K": 32})
+# One row: a fixed tile. A sweep on the H200 over BLOCK_N 8-64, BLOCK_K 128-512, split-K
+# 1-16, 4 or 8 warps and 1 or 2 stages (docs/kernels.md) put BLOCK_N 8, BLOCK_K 128,
+# 8 warps, 1 stage first or within 10% on nine of ten decode shapes; what varies is the
+# split, which the launcher sets.
+_GEMV_CONFIGS = autotune_configs([({"BLOCK_K": 128}, 8, 1)], interpreted={"BLOCK_K": 32})
 _LARGE_CONFIGS = autotune_configs(
     [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, s) for m, n, k, w, s in
      [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
@@ -253,10 +254,10 @@ def _launch_skinny(x, weight, scale, out, split_k: int | None) -> None:
 
 
 def gemv_tiling(n: int, k: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_N, SPLIT_K) for one row: 16 channels a program, and enough K splits for
-    about four programs per SM, each covering >= MIN_K_PER_SPLIT."""
+    """(BLOCK_N, SPLIT_K) for one row: 8 channels a program, and K split only while there
+    are fewer than about eight programs per SM, each split covering >= 2048 of K."""
     tiles = -(-n // GEMV_BLOCK_N)
-    split_k = min(MAX_SPLIT_K, (4 * num_sms(device)) // tiles, k // MIN_K_PER_SPLIT)
+    split_k = min(MAX_SPLIT_K, (8 * num_sms(device)) // tiles, k // MIN_K_PER_GEMV_SPLIT)
     return GEMV_BLOCK_N, max(1, split_k)
 
 
