@@ -60,6 +60,7 @@ class EngineStats:
     spec_num_accepted_tokens: int
     spec_acceptance_rate: float
     spec_mean_accepted_length: float
+    num_steps: int  # calls of step() that ran a batch
     step_seconds: float  # wall time inside step()
     forward_seconds: float  # of which model forwards (target and draft)
 
@@ -127,6 +128,7 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._step_seconds = 0.0
+        self._num_steps = 0
 
     # ------------------------------------------------------------------ construction
     def _check_speculative(self, model: TesseraForCausalLM,
@@ -241,6 +243,7 @@ class LLMEngine:
         if not batch.is_empty:
             sampled = self._run(batch)
             outputs += self._postprocess(batch, sampled)
+            self._num_steps += 1
         self._check_idle()
         self._step_seconds += time.perf_counter() - start
         return outputs
@@ -332,5 +335,6 @@ class LLMEngine:
             spec_num_accepted_tokens=spec.num_accepted_tokens if spec else 0,
             spec_acceptance_rate=spec.acceptance_rate if spec else 0.0,
             spec_mean_accepted_length=spec.mean_accepted_length if spec else 0.0,
-            step_seconds=self._step_seconds, forward_seconds=forward_seconds,
+            num_steps=self._num_steps, step_seconds=self._step_seconds,
+            forward_seconds=forward_seconds,
         )

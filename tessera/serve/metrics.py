@@ -81,6 +81,7 @@ class EngineCollector(Collector):
         e = stats.engine
         yield self._counter("engine_busy_seconds", "Engine thread time on commands, steps "
                             "and hand-off.", stats.busy_seconds)
+        yield self._counter("engine_steps", "Engine steps that ran a batch.", e.num_steps)
         yield self._counter("engine_step_seconds", "Time inside LLMEngine.step().",
                             e.step_seconds)
         yield self._counter("engine_forward_seconds", "Time in model forwards (of the step "

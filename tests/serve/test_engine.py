@@ -45,9 +45,13 @@ def test_plain_batch_matches_generate(model, make_engine):
     requests = {f"r{i}": (random_prompt(n, gen), greedy(m))
                 for i, (n, m) in enumerate([(1, 12), (5, 20), (16, 7), (29, 16), (40, 1)])}
     engine = make_engine(model, block_size=4)
+    batches = spy_on_schedule(engine)
     outputs = run_engine(engine, requests)
+    engine.step()  # nothing left: an empty step, not counted
     assert_matches_reference(model, outputs, requests)
     stats = engine.stats()
+    assert stats.num_steps == sum(1 for batch in batches if batch) > 0
+    assert len(batches) > stats.num_steps
     assert stats.num_preemptions == 0
     assert stats.num_prompt_tokens == sum(len(p) for p, _ in requests.values())
     assert stats.num_generation_tokens == sum(len(o.outputs[0].token_ids)

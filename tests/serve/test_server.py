@@ -197,5 +197,7 @@ def test_metrics_exposes_the_named_series(server, client):
     assert values["tessera:generation_tokens_total"] > 0
     assert values["tessera:prompt_tokens_total"] > 0
     assert 0 <= values["tessera:engine_step_overhead_ratio"] < 1
+    # two requests of a 2-token output: at least one prefill and one decode step each
+    assert values["tessera:engine_steps_total"] >= 4
     assert 0 <= values["tessera:prefix_cache_hit_rate"] <= 1
     assert values["tessera:prefix_cache_hits_total"] > 0
