@@ -80,7 +80,8 @@ def main() -> None:
     prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_len), generator=gen)
     config = EngineConfig(max_num_seqs=args.concurrency)
     engine = LLMEngine(model, config=config)
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+                            output_kind="final_only")
     run(engine, [[1, 2, 3]], params.replace(max_tokens=2), 1)  # warm up
     before = engine.stats()
     start = time.perf_counter()

@@ -106,7 +106,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(zip(prompts, max_tokens, strict=True)):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0.0, max_tokens=n,
-                                                          ignore_eos=True))
+                                                          ignore_eos=True,
+                                                          output_kind="final_only"))
     outputs = []
     while engine.has_unfinished():
         outputs += [o for o in engine.step() if o.finished]

@@ -4,13 +4,13 @@
 which tokens, the model runner computes them (with drafts and verification when speculative
 decoding is on) and the sampler picks the new tokens, then the engine appends them, checks
 the stop conditions, frees what finished and reports a `RequestOutput` for every request
-that progressed. A request that could never run (a prompt that fills the model's context,
-or more tokens than the whole KV pool holds) is refused with finish reason "error" and a
-message, reported by the next step, instead of waiting forever. Whenever the engine goes
-idle it checks that every KV block is back in the free pool and raises if not. On CUDA,
-the engine runs one prefill per length bucket at startup (kernels compile and autotune
-then, not under the first requests) and decode steps replay CUDA graphs (see
-`cuda_graphs.py`; `EngineConfig.enforce_eager` turns them off).
+that progressed (a "final_only" request only once it finished). A request that could never
+run (a prompt that fills the model's context, or more tokens than the whole KV pool holds)
+is refused with finish reason "error" and a message, reported by the next step, instead of
+waiting forever. Whenever the engine goes idle it checks that every KV block is back in
+the free pool and raises if not. On CUDA, the engine runs one prefill per length bucket at
+startup (kernels compile and autotune then, not under the first requests) and decode steps
+replay CUDA graphs (see `cuda_graphs.py`; `EngineConfig.enforce_eager` turns them off).
 
 The engine knows nothing about HTTP, asyncio or chat templates; a tokenizer (anything with
 `decode(ids, skip_special_tokens=...)`) is needed only for text and stop strings. It is not
@@ -235,8 +235,9 @@ class LLMEngine:
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """One engine iteration; an output for every request that got tokens, finished or
-        was refused since the last step."""
+        """One engine iteration; an output for every request that got tokens (those whose
+        `output_kind` is "final_only": only when they finish), finished or was refused
+        since the last step."""
         start = time.perf_counter()
         outputs, self._refused = self._refused, []
         batch = self.scheduler.schedule()
@@ -275,9 +276,15 @@ class LLMEngine:
             # Every token but the newest now has keys and values (accepted drafts included).
             seq.mark_computed(entry.num_tokens + max(num_appended - 1, 0))
         self.scheduler.finish_step(batch)
-        # Requests still prefilling have nothing new to report.
+        # Requests still prefilling have nothing new to report; "final_only" ones report
+        # when they finish.
         request_ids = dict.fromkeys(e.seq.request_id for e in batch.entries if e.is_sampling)
-        return [self._request_output(request_id) for request_id in request_ids]
+        return [self._request_output(request_id) for request_id in request_ids
+                if self._reports_now(self._requests[request_id])]
+
+    @staticmethod
+    def _reports_now(request: Request) -> bool:
+        return request.params.output_kind == "cumulative" or request.is_finished
 
     def _append_tokens(self, seq: Sequence, tokens: list[tuple[int, TokenLogprobs | None]],
                        now: float) -> int:

@@ -90,7 +90,8 @@ class LLM:
     def _add(self, prompt_ids: list[int], params: SamplingParams) -> str:
         request_id = f"llm-{self._next_id}"
         self._next_id += 1
-        self.engine.add_request(request_id, prompt_ids, params)
+        # Only finished outputs are read here: no per-step snapshots.
+        self.engine.add_request(request_id, prompt_ids, params.replace(output_kind="final_only"))
         return request_id
 
     def _run_until_done(self, request_ids: set[str]) -> dict[str, RequestOutput]:

@@ -14,7 +14,10 @@ follow vLLM / the OpenAI API:
   stay in `token_ids` (as EOS does); `min_tokens` suppresses EOS and `stop_token_ids` until
   that many tokens were generated; `ignore_eos` keeps going past EOS;
 - `logprobs` n returns the n most likely tokens at each step (0: only the sampled one);
-- `n` > 1 samples n completions of one prompt; they share the prompt's KV blocks.
+- `n` > 1 samples n completions of one prompt; they share the prompt's KV blocks;
+- `output_kind` "cumulative" reports the request after every step that gave it tokens
+  (everything so far: what streaming needs), "final_only" once, when it finishes (what
+  offline generation needs: no per-step copies of long token lists).
 
 It knows nothing about models, tokenizers or the engine.
 """
@@ -27,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tessera.errors import RequestError
+
+OUTPUT_KINDS = ("cumulative", "final_only")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +52,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     skip_special_tokens: bool = True
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -95,6 +101,9 @@ class SamplingParams:
             _check_int("seed", self.seed, low=0)
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise RequestError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got "
+                               f"{self.output_kind!r}")
 
     def _check_stops(self) -> None:
         for text in self.stop:

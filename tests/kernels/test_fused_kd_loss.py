@@ -117,6 +117,18 @@ def check_fused_loss(case: Case, dtype: torch.dtype, device: str):
     assert_close(weight.grad, dw_ref, dtype, "d weight")
 
 
+def check_second_backward_fails(case: Case, device: str):
+    """The backward scales the saved gradients in place: a second backward through the same
+    graph must fail autograd's version check instead of returning doubly scaled gradients."""
+    kwargs, _ = make_inputs(case, torch.float32, device)
+    leaves = [kwargs[k].clone().requires_grad_()
+              for k in ("student_hidden", "student_lm_head_weight")]
+    loss = kernels.fused_linear_kd_loss(*leaves, **_rest(kwargs))
+    (loss * 3).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def check_logits_kernel(case: Case, device: str):
     """`kd_rows_` alone: per-token losses and d loss / d logits for arbitrary weights."""
     n, v, opts = case.num_tokens, case.vocab, case.options
@@ -157,6 +169,10 @@ def soft_rows_reference(student, teacher, mask, opts) -> torch.Tensor:
 @pytest.mark.parametrize("name", SMALL)
 def test_fused_loss_interpreted(interpreter, name):
     interpreter.run(check_fused_loss, SMALL[name], torch.float32, "cpu")
+
+
+def test_second_backward_fails_interpreted(interpreter):
+    interpreter.run(check_second_backward_fails, SMALL[next(iter(SMALL))], "cpu")
 
 
 @pytest.mark.parametrize("case", [

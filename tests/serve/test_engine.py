@@ -167,6 +167,25 @@ def test_mixed_batch_with_staggered_arrivals(model, make_engine):
     assert_matches_reference(model, outputs, requests)
 
 
+def test_final_only_requests_report_once_with_everything(model, make_engine):
+    gen = torch.Generator().manual_seed(9)
+    prompts = [random_prompt(n, gen) for n in (7, 19, 3)]
+    engine = make_engine(model, block_size=4)
+    for i, prompt in enumerate(prompts):
+        kind = "final_only" if i < 2 else "cumulative"
+        engine.add_request(f"r{i}", prompt, greedy(6 + 3 * i).replace(output_kind=kind))
+    reports: dict[str, list] = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            reports.setdefault(output.request_id, []).append(output)
+    assert [len(reports[f"r{i}"]) for i in range(3)] == [1, 1, 12]  # 12 tokens, 12 steps
+    for i, prompt in enumerate(prompts):
+        final = reports[f"r{i}"][-1]
+        assert final.finished and final.prompt_ids == prompt
+        assert final.outputs[0].token_ids == reference(model, prompt, 6 + 3 * i)
+        assert len(final.metrics.inter_token_latencies) == 5 + 3 * i
+
+
 def test_context_limit_caps_generation(model, make_engine):
     gen = torch.Generator().manual_seed(9)
     prompt = random_prompt(250, gen)  # the model's context is 256

@@ -155,7 +155,7 @@ def test_logprobs_are_log_softmax_of_processed_logits():
     ("top_k", -1), ("top_k", 2.5), ("min_p", 1.5), ("repetition_penalty", 0.0),
     ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("max_tokens", 0),
     ("min_tokens", -1), ("n", 0), ("logprobs", -1), ("seed", -5), ("stop", [""]),
-    ("stop_token_ids", [-1]), ("ignore_eos", "yes"),
+    ("stop_token_ids", [-1]), ("ignore_eos", "yes"), ("output_kind", "delta"),
 ])
 def test_bad_sampling_params_are_refused_by_name(field, value):
     with pytest.raises(RequestError, match=field.split("_ids")[0]):
