@@ -25,9 +25,8 @@ draws the last ticket merges the partials by their logsumexps, writes the output
 the counter (`split_counters`). No second launch, so a decode step has one attention
 kernel per layer.
 
-The number of splits is chosen from the host ints S, KVH and `max_context_len`: more than
-one only where the (sequence, kv head) programs would leave most SMs idle (see
-`choose_num_splits`); it does not depend on the contents of
+The number of splits is chosen from the host ints S, KVH and `max_context_len` so that the
+grid fills the GPU (see `choose_num_splits`); it does not depend on the contents of
 `context_lens`. Splits past a sequence's context return at once. The tile (positions per
 loop step) and launch settings are autotuned once per (group size, block size, query rows,
 head dim, split or not, dtypes); NOTE: so the first call of each such shape benchmarks, and
@@ -222,18 +221,12 @@ def _merge_splits(O_PART, LSE_PART, first, used, row_ok, out_mask, offs_d,
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int,
                       device: torch.device) -> int:
-    """Splits per (sequence, kv head): one where (sequence, kv head) programs already
-    cover half the SMs, otherwise about four programs per SM, each over at least 256
-    positions. Measured on an H200 (docs/kernels.md): with contexts of mixed lengths,
-    16 x 8 programs ran in 105 us with one split and 165 with five; with 1 to 48 programs
-    over 400-1000 positions, eight splits were 15-55% faster than one."""
+    """Splits per (sequence, kv head) so that about four programs per SM run, each over at
+    least 256 positions; one where the grid is already full or the context is short."""
     if device.type != "cuda":
         return max(1, min(4, -(-max_context_len // 256)))
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    num_programs = max(1, num_seqs * num_kv_heads)
-    if 2 * num_programs >= num_sms:
-        return 1
-    wanted = -(-4 * num_sms // num_programs)
+    wanted = -(-4 * num_sms // max(1, num_seqs * num_kv_heads))
     return max(1, min(wanted, -(-max_context_len // 256), _MAX_GRID_YZ))
 
 
