@@ -57,6 +57,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--no-fuse-projections", dest="fuse_projections",
                         action="store_false", help="separate q/k/v and gate/up products")
+    parser.add_argument("--no-async-scheduling", dest="async_scheduling",
+                        action="store_false", help="steps in order: read each step's "
+                        "tokens before the next is launched")
     parser.add_argument("--profile", default=None, metavar="FILE", help="openloop: write "
                         "torch.profiler's kernel and operator tables to FILE")
     parser.add_argument("--out", default=None)
@@ -130,6 +133,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int
 def make_engine(model: torch.nn.Module, args: argparse.Namespace, **config) -> LLMEngine:
     engine = LLMEngine(model, config=EngineConfig(enforce_eager=args.enforce_eager,
                                                   fuse_projections=args.fuse_projections,
+                                                  async_scheduling=args.async_scheduling,
                                                   **config))
     run_engine(engine, [[11, 12, 13]] * 2, [4, 4])  # warm-up
     return engine

@@ -28,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode_gpu.py needs a CUDA device")
-    engine_args = argparse.Namespace(enforce_eager=False, fuse_projections=True)
+    engine_args = argparse.Namespace(enforce_eager=False, fuse_projections=True,
+                                     async_scheduling=None)
     for preset in args.presets:
         model = serving.build(preset)
         engine = serving.make_engine(model, engine_args, max_num_seqs=4, max_model_len=1024)

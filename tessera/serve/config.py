@@ -7,7 +7,10 @@ The KV pool's size is given as at most one of `num_kv_blocks`, `kv_cache_tokens`
 lookup). On CUDA, decode steps replay CUDA graphs captured per batch-size bucket unless
 `enforce_eager`. With `fuse_projections` (the default) the engine fuses each layer's q/k/v
 and gate/up projections of the models it is given, in place
-(`tessera/model/fused_projections.py`). It knows nothing about models or devices.
+(`tessera/model/fused_projections.py`). `async_scheduling` overlaps the host's work with
+the device's: the next step is scheduled and launched before the tokens of the one running
+are read back (see `engine.py`); None, the default, turns it on for CUDA models. It knows
+nothing about models or devices.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     max_cuda_graph_batch_size: int = 256  # larger decode batches run eagerly
     fuse_projections: bool = True  # one product for q/k/v and one for gate/up, in place
+    async_scheduling: bool | None = None  # None: on for CUDA models, off elsewhere
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens",
@@ -61,6 +65,9 @@ class EngineConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got "
                                   f"{getattr(self, name)!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ConfigError(f"async_scheduling must be true, false or None (automatic), "
+                              f"got {self.async_scheduling!r}")
         self._check_speculative()
 
     def _check_speculative(self) -> None:

@@ -39,6 +39,7 @@ import torch
 
 from tessera.serve.paged_attention import AttentionGroup, PagedAttentionMetadata
 from tessera.serve.pinned_uploads import PinnedUploads
+from tessera.serve.placeholders import fill_placeholders
 
 MAX_GRAPH_QUERY_LEN = 8  # longest per-sequence query captured (the paged kernel's limit)
 
@@ -150,12 +151,15 @@ class StaticDecodeRunner:
         bucket = next(b for b in self.buckets if b >= len(items))
         return bucket, q
 
-    def forward(self, items: Sequence[StaticItem], key: tuple[int, int]) -> torch.Tensor:
-        """Logits `[R, V]` (fp32) of the rows the items ask for, as the eager path gives.
+    def forward(self, items: Sequence[StaticItem], key: tuple[int, int], *,
+                pending_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `[R, V]` (fp32) of the rows the items ask for, as the eager path gives;
+        placeholders in the token ids are filled from `pending_tokens` (`model_runner.py`).
         NOTE: valid until the next call; the result may be a view of the graph's output
         buffer, which the next replay overwrites."""
         bucket, q = key
         self._fill(items, bucket, q)
+        fill_placeholders(self.buffers.input_ids[:bucket * q], pending_tokens)
         if self.use_graphs:
             graph, logits = self.graphs[key]
             graph.replay()

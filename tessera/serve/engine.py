@@ -12,6 +12,16 @@ the free pool and raises if not. On CUDA, the engine runs one prefill per length
 startup (kernels compile and autotune then, not under the first requests) and decode steps
 replay CUDA graphs (see `cuda_graphs.py`; `EngineConfig.enforce_eager` turns them off).
 
+With `async_scheduling` (on by default for CUDA models) steps overlap: a step schedules
+and launches its batch, with the device-sampled tokens of the step still running as
+placeholders in the inputs (`placeholders.py`), and only then reads back that earlier
+step's tokens and postprocesses them while the device computes. Stop conditions are thus
+seen one step late; a sequence that stopped computes one token that is dropped, and
+outputs are reported one step later. A step overlaps only when no unfinished request
+needs the host's view of its tokens while sampling (penalties, logprobs) and speculative
+decoding is off; otherwise the engine first reads back what is in flight and runs the
+step in order. Outputs are the same either way.
+
 The engine knows nothing about HTTP, asyncio or chat templates; a tokenizer (anything with
 `decode(ids, skip_special_tokens=...)`) is needed only for text and stop strings. It is not
 thread-safe: one thread calls `add_request`, `abort_request` and `step`.
@@ -36,9 +46,11 @@ from tessera.serve.detokenizer import IncrementalDetokenizer, find_stop
 from tessera.serve.kv_pool import blocks_for_budget, bytes_per_block
 from tessera.serve.model_runner import ModelRunner, StaticDecodeSettings
 from tessera.serve.outputs import RequestOutput, request_output
-from tessera.serve.sampler import Sampler, SamplingRow
+from tessera.serve.pinned_uploads import host_to_device
+from tessera.serve.placeholders import placeholder
+from tessera.serve.sampler import Sampler, SamplingRow, samples_on_device
 from tessera.serve.sampling_params import SamplingParams
-from tessera.serve.scheduler import ScheduledBatch, Scheduler
+from tessera.serve.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
 from tessera.serve.sequence import Request, Sequence, TokenLogprobs
 from tessera.serve.speculative import SampledTokens, SpeculativeDecoder, check_draft_model
 
@@ -80,6 +92,33 @@ def static_decode_settings(config: EngineConfig, model: TesseraForCausalLM,
     return StaticDecodeSettings(max_model_len=max_model_len, query_lens=lens,
                                 max_batch_size=min(config.max_num_seqs,
                                                    config.max_cuda_graph_batch_size))
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    batch: ScheduledBatch
+    sampling: list[ScheduledSeq]  # the entries that sample, in the order of `tokens`
+    tokens: torch.Tensor  # [R] int64 on the device: what the next step's placeholders mean
+    host_tokens: torch.Tensor  # [R] its host copy, complete once `copied` has passed
+    copied: torch.cuda.Event | None  # None on the CPU, where the copy is already done
+
+    def read(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()  # NOTE: waits for the device to finish this step
+        return self.host_tokens.tolist()
+
+
+def copy_to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying device `tokens` to pinned host memory; (the copy, its event)."""
+    if tokens.device.type != "cuda":
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 class StopCheck(NamedTuple):
@@ -125,6 +164,10 @@ class LLMEngine:
                 runner.capture_graphs()
         self._requests: dict[str, Request] = {}
         self._refused: list[RequestOutput] = []  # reported by the next step
+        is_cuda = self.runner.device.type == "cuda"
+        self._overlaps = (config.async_scheduling if config.async_scheduling is not None
+                          else is_cuda) and self.speculator is None
+        self._in_flight: InFlightStep | None = None
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._step_seconds = 0.0
@@ -227,28 +270,82 @@ class LLMEngine:
         now = time.monotonic()
         for seq in self.scheduler.abort(request_id):
             seq.finish("abort", now)
+        if not self.scheduler.has_unfinished():
+            self._in_flight = None  # what it computed is aborted or already reported
         self._check_idle()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._refused)
+        return (self.scheduler.has_unfinished() or bool(self._refused)
+                or self._in_flight is not None)
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One engine iteration; an output for every request that got tokens (those whose
         `output_kind` is "final_only": only when they finish), finished or was refused
-        since the last step."""
+        since the last step. An overlapped step reports the previous step's tokens."""
         start = time.perf_counter()
         outputs, self._refused = self._refused, []
+        overlaps = self._can_overlap()
+        if not overlaps:
+            outputs += self._finish_in_flight()  # this step samples with every token known
         batch = self.scheduler.schedule()
-        if not batch.is_empty:
+        if batch.is_empty:
+            outputs += self._finish_in_flight()
+        elif overlaps:
+            launched = self._launch(batch)
+            outputs += self._finish_in_flight()  # the previous step, while this one runs
+            self._in_flight = launched
+        else:
             sampled = self._run(batch)
             outputs += self._postprocess(batch, sampled)
-            self._num_steps += 1
+        self._num_steps += not batch.is_empty
         self._check_idle()
         self._step_seconds += time.perf_counter() - start
         return outputs
 
+    def _can_overlap(self) -> bool:
+        return self._overlaps and all(samples_on_device(r.params)
+                                      for r in self._requests.values())
+
+    # ------------------------------------------------------------------ overlapped steps
+    def _launch(self, batch: ScheduledBatch) -> InFlightStep:
+        """Queue the batch's forward and sampling; its tokens enter as placeholders."""
+        self.runner.copy_blocks(batch.block_copies)
+        pending = self._in_flight.tokens if self._in_flight is not None else None
+        logits = self.runner.forward([e.forward_item() for e in batch.computed],
+                                     pending_tokens=pending)
+        sampling, logits = self._sampling_logits(batch, logits)
+        tokens = self.sampler.sample_on_device(logits, [SamplingRow(e.seq) for e in sampling])
+        for entry in batch.entries:
+            entry.seq.mark_computed(entry.num_tokens)
+        for row, entry in enumerate(sampling):
+            entry.seq.append_placeholder(placeholder(row))
+        return InFlightStep(batch, sampling, tokens, *copy_to_host(tokens))
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        """Read back the step in flight (if any): resolve its placeholders, check stops."""
+        step, self._in_flight = self._in_flight, None
+        if step is None:
+            return []
+        token_ids = step.read()
+        now = time.monotonic()
+        for entry, token_id in zip(step.sampling, token_ids, strict=True):
+            seq = entry.seq
+            self._register_sibling(entry)
+            if seq.is_finished:
+                continue  # aborted, or an earlier token ended it: this one is dropped
+            new_text = seq.resolve_placeholder(token_id, now)
+            self.num_generation_tokens += 1
+            stop = self._check_stop(seq, token_id, new_text)
+            if stop is not None:
+                seq.finish(stop.reason, now, stop_reason=stop.stop_reason,
+                           text_end=stop.text_end)
+                seq.drop_placeholders()
+        self.scheduler.finish_step(step.batch)
+        return self._step_outputs(step.batch)
+
+    # ------------------------------------------------------------------ steps in order
     def _run(self, batch: ScheduledBatch) -> SampledTokens:
         """Model forward(s) and sampling: the new tokens of every sampling sequence."""
         self.runner.copy_blocks(batch.block_copies)
@@ -256,31 +353,47 @@ class LLMEngine:
             self.speculator.copy_blocks(batch.block_copies)
             return self.speculator.run(batch)
         logits = self.runner.forward([e.forward_item() for e in batch.computed])
+        sampling, logits = self._sampling_logits(batch, logits)
+        tokens = self.sampler.sample(logits, [SamplingRow(e.seq) for e in sampling])
+        return {e.seq.seq_id: [token] for e, token in zip(sampling, tokens, strict=True)}
+
+    @staticmethod
+    def _sampling_logits(batch: ScheduledBatch, logits: torch.Tensor
+                         ) -> tuple[list[ScheduledSeq], torch.Tensor]:
+        """The entries that sample and their logits rows (forked siblings share their
+        parent's row)."""
         row_of = {e.seq.seq_id: i for i, e in enumerate(e for e in batch.computed
                                                         if e.is_sampling)}
         sampling = [e for e in batch.entries if e.is_sampling]
         rows = [row_of[(e.sibling_of or e.seq).seq_id] for e in sampling]
         if rows != list(range(logits.shape[0])):
-            logits = logits[rows]
-        tokens = self.sampler.sample(logits, [SamplingRow(e.seq) for e in sampling])
-        return {e.seq.seq_id: [token] for e, token in zip(sampling, tokens, strict=True)}
+            logits = logits[host_to_device(rows, torch.int64, logits.device)]
+        return sampling, logits
 
     def _postprocess(self, batch: ScheduledBatch, sampled: SampledTokens
                      ) -> list[RequestOutput]:
         now = time.monotonic()
         for entry in batch.entries:
             seq = entry.seq
-            if entry.sibling_of is not None:
-                self._requests[seq.request_id].add_sibling(seq)
+            self._register_sibling(entry)
             num_appended = self._append_tokens(seq, sampled.get(seq.seq_id, []), now)
             # Every token but the newest now has keys and values (accepted drafts included).
             seq.mark_computed(entry.num_tokens + max(num_appended - 1, 0))
         self.scheduler.finish_step(batch)
-        # Requests still prefilling have nothing new to report; "final_only" ones report
-        # when they finish.
+        return self._step_outputs(batch)
+
+    def _register_sibling(self, entry: ScheduledSeq) -> None:
+        request = self._requests.get(entry.seq.request_id)  # None: aborted meanwhile
+        if entry.sibling_of is not None and request is not None:
+            request.add_sibling(entry.seq)
+
+    def _step_outputs(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Outputs of the batch's requests that report now. Requests still prefilling have
+        nothing new; "final_only" ones report when they finish; aborted ones are gone."""
         request_ids = dict.fromkeys(e.seq.request_id for e in batch.entries if e.is_sampling)
         return [self._request_output(request_id) for request_id in request_ids
-                if self._reports_now(self._requests[request_id])]
+                if request_id in self._requests
+                and self._reports_now(self._requests[request_id])]
 
     @staticmethod
     def _reports_now(request: Request) -> bool:
@@ -301,7 +414,8 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence, token_id: int, new_text: str) -> StopCheck | None:
         params = seq.params
-        if seq.num_output_tokens >= params.min_tokens:
+        num_output = seq.num_resolved_output_tokens  # up to and including `token_id`
+        if num_output >= params.min_tokens:
             if not params.ignore_eos and token_id in self.model_config.eos_token_ids:
                 return StopCheck("stop")
             if token_id in params.stop_token_ids:
@@ -309,7 +423,7 @@ class LLMEngine:
             found = find_stop(seq.text, len(new_text), params.stop)
             if found is not None:
                 return StopCheck("stop", found[1], found[0])
-        if seq.num_output_tokens >= seq.max_tokens:
+        if num_output >= seq.max_tokens:
             return StopCheck("length")
         return None
 

@@ -14,6 +14,7 @@ import torch
 from tessera.config import ModelConfig
 from tessera.errors import ConfigError
 from tessera.kernels import registry
+from tessera.serve.pinned_uploads import host_to_device
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -67,8 +68,9 @@ class KVPool:
         """Copy whole blocks, every layer: `(source, destination)` pairs."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.keys.device)
-        dst = torch.tensor([d for _, d in copies], device=self.keys.device)
+        device = self.keys.device
+        src = host_to_device([s for s, _ in copies], torch.int64, device)
+        dst = host_to_device([d for _, d in copies], torch.int64, device)
         self.keys[:, dst] = self.keys[:, src]
         self.values[:, dst] = self.values[:, src]
 

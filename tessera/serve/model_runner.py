@@ -16,6 +16,12 @@ graph. Other batches (prefill chunks, mixed steps) build their tensors from Pyth
 with data-dependent shapes and run eagerly. The pool holds one block more than the block
 manager hands out: the padding block that padded rows of a static batch write into.
 
+Token ids may hold placeholders (see `sequence.py`): `-1 - j` stands for row j of
+`pending_tokens`, the device tensor of tokens the previous step sampled; they are replaced
+on the device (`fill_placeholders`) before the model runs, so a step can start before the
+host has read the previous step's tokens. Inputs go up without waiting for the device
+(`pinned_uploads.py`).
+
 It knows nothing about scheduling, sampling or requests.
 """
 
@@ -33,6 +39,8 @@ from tessera.model.transformer import TesseraForCausalLM
 from tessera.serve.cuda_graphs import StaticDecodeRunner
 from tessera.serve.kv_pool import KVPool
 from tessera.serve.paged_attention import AttentionGroup, PagedAttentionMetadata, PagedContext
+from tessera.serve.pinned_uploads import host_to_device
+from tessera.serve.placeholders import fill_placeholders
 
 
 def group_items(items: Sequence[ForwardItem]) -> list[tuple[bool, list[int]]]:
@@ -164,15 +172,18 @@ class ModelRunner:
         self.pool.copy_blocks(copies)
 
     @torch.inference_mode()
-    def forward(self, items: Sequence[ForwardItem]) -> torch.Tensor:
+    def forward(self, items: Sequence[ForwardItem], *,
+                pending_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Write the items' keys and values into the pool; logits `[R, V]` (fp32).
+        `pending_tokens` fills the items' placeholders (see the module docstring).
         NOTE: read them before the next forward: from the static path they may be a view
         of a CUDA graph's output buffer, which the next replay overwrites."""
         key = self.static.key(items) if self.static is not None else None
         if key is not None:
             with self.timer.measure():
-                return self.static.forward(items, key)
+                return self.static.forward(items, key, pending_tokens=pending_tokens)
         inputs = self.prepare(items)
+        fill_placeholders(inputs.input_ids, pending_tokens)
         ctx = PagedContext(self.pool, inputs.metadata)
         with self.timer.measure():
             out = self.model.run(inputs.input_ids, inputs.positions, ctx, compute_logits=False)
@@ -235,4 +246,4 @@ class ModelRunner:
         return self._tensor(rows, torch.int32)
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, device=self.device)
+        return host_to_device(data, dtype, self.device)

@@ -1,10 +1,11 @@
 """What the engine returns: `RequestOutput` per request per step, built from its sequences.
 
-`token_ids`, `text` and `logprobs` are cumulative (everything generated so far); a
-streaming caller diffs consecutive outputs. While a request with stop strings is
-unfinished, the last `len(longest stop) - 1` characters are held back from `text`, so
-text that turns out to start a stop string is never shown. Timings are
-`time.monotonic()` seconds. This module knows nothing about scheduling or models.
+`token_ids`, `text` and `logprobs` are cumulative (everything generated and read back so
+far: never a sequence's placeholders, see `sequence.py`); a streaming caller diffs
+consecutive outputs. While a request with stop strings is unfinished, the last
+`len(longest stop) - 1` characters are held back from `text`, so text that turns out to
+start a stop string is never shown. Timings are `time.monotonic()` seconds. This module
+knows nothing about scheduling or models.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def completion_output(seq: Sequence) -> CompletionOutput:
     if not seq.is_finished and held_back:
         text = text[:max(0, len(text) - held_back)]
     logprobs = list(seq.logprobs) if seq.logprobs is not None else None
-    return CompletionOutput(seq.index, list(seq.output_ids), text, logprobs,
+    token_ids = seq.output_ids[:seq.num_resolved_output_tokens]  # no placeholders
+    return CompletionOutput(seq.index, token_ids, text, logprobs,
                             seq.finish_reason, seq.stop_reason)
 
 

@@ -7,6 +7,11 @@ allocated once: an upload writes the values into the mirror through its numpy vi
 queues an asynchronous copy of the same region. The region is any numpy index (`np.s_[:n]`,
 `np.s_[:rows, :cols]`) valid for both.
 
+Tensors of other sizes go through `host_to_device`: a pinned copy from PyTorch's caching
+host allocator (which reuses a buffer only once its copy is done) and an asynchronous
+upload. A plain `torch.tensor(values, device="cuda")` would instead wait for every kernel
+already queued, which overlapped steps cannot afford.
+
 NOTE: a mirror must not be rewritten while a copy still reads it. Uploads happen in rounds
 (`with uploads.round(): ...`); a round first waits for the previous round's copies (an
 event, normally long done) and records its own at the end. On the CPU the mirrors are
@@ -46,3 +51,11 @@ class PinnedUploads:
         `destinations[name][region]`."""
         self._arrays[name][region] = values
         self.destinations[name][region].copy_(self.mirrors[name][region], non_blocking=True)
+
+
+def host_to_device(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`torch.tensor(values)` on `device`, without waiting for the device's queued work."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    staged = torch.tensor(values, dtype=dtype, pin_memory=True)
+    return staged.to(device, non_blocking=True)

@@ -16,7 +16,13 @@ The pipeline, per row:
 
 Logprobs are `log_softmax` of the processed logits (step 1: after penalties and
 temperature, before min-p / top-k / top-p truncation), for the sampled token and the
-`logprobs` most likely ones. The sampler knows nothing about models or scheduling.
+`logprobs` most likely ones.
+
+`sample` returns host values (and waits for the device); `sample_on_device` returns the
+token ids as a device tensor and never waits, for overlapped steps: it takes no rows with
+penalties or logprobs, which need the host's view of the tokens. Every host value the
+pipeline needs on the device goes up without waiting (`pinned_uploads.py`). The sampler
+knows nothing about models or scheduling.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tessera.serve.pinned_uploads import host_to_device
+from tessera.serve.sampling_params import SamplingParams
 from tessera.serve.sequence import Sequence, TokenLogprobs
 
 
@@ -46,11 +54,19 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: Seq[SamplingRow]
                ) -> list[tuple[int, TokenLogprobs | None]]:
         processed = self.process(logits, rows)
-        if all(r.seq.params.is_greedy for r in rows):
-            token_ids = processed.argmax(dim=-1).tolist()  # NOTE: the step's host sync
-        else:
-            token_ids = self.draw(self.distribution(processed, rows), rows)
+        token_ids = self._draw_ids(processed, rows).tolist()  # NOTE: the step's host sync
         return list(zip(token_ids, self.logprobs(processed, rows, token_ids), strict=True))
+
+    def sample_on_device(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
+        """Token ids `[R]` (int64, on the logits' device), queued without a host sync."""
+        assert all(samples_on_device(r.seq.params) for r in rows), \
+            "rows with penalties or logprobs need sample()"
+        return self._draw_ids(self.process(logits, rows), rows)
+
+    def _draw_ids(self, processed: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
+        if all(r.seq.params.is_greedy for r in rows):
+            return processed.argmax(dim=-1)
+        return self.draw(self.distribution(processed, rows), rows)
 
     # ------------------------------------------------------------------ 1. process
     def process(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
@@ -70,7 +86,8 @@ class Sampler:
                                             [*row.seq.output_ids, *row.draft_ids], params)
         temperatures = [r.seq.params.temperature or 1.0 for r in rows]
         if any(t != 1.0 for t in temperatures):
-            logits = logits / torch.tensor(temperatures, device=logits.device)[:, None]
+            scale = host_to_device(temperatures, logits.dtype, logits.device)
+            logits = logits / scale[:, None]
         return logits
 
     def suppressed_ids(self, row: SamplingRow) -> set[int]:
@@ -91,28 +108,30 @@ class Sampler:
                 min_p=self._row_tensor([p.min_p for p in params], processed),
             )
         probs = torch.softmax(processed, dim=-1)
-        is_greedy = self._row_tensor([p.is_greedy for p in params], processed).bool()
-        if is_greedy.any():
+        if any(p.is_greedy for p in params):
+            is_greedy = self._row_tensor([p.is_greedy for p in params], processed).bool()
             one_hot = torch.zeros_like(probs).scatter_(-1, processed.argmax(-1, True), 1.0)
             probs = torch.where(is_greedy[:, None], one_hot, probs)
         return probs
 
     @staticmethod
     def _row_tensor(values: list, like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(values, dtype=like.dtype, device=like.device)
+        return host_to_device(values, like.dtype, like.device)
 
     # ------------------------------------------------------------------ 3. draw
-    def draw(self, probs: torch.Tensor, rows: Seq[SamplingRow]) -> list[int]:
+    def draw(self, probs: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
+        """Token ids `[R]` (int64, on the device)."""
         token_ids = probs.argmax(dim=-1)  # greedy rows: their probs are one-hot
         sampled = [i for i, r in enumerate(rows) if not r.seq.params.is_greedy]
         if sampled:
-            noise = torch.empty_like(probs[sampled]).exponential_()
+            index = host_to_device(sampled, torch.int64, probs.device)
+            noise = torch.empty_like(probs[index]).exponential_()
             for j, i in enumerate(sampled):
                 if rows[i].seq.generator is not None:
                     noise[j] = exponential_noise(probs.shape[-1], rows[i].seq.generator,
                                                  probs.device)
-            token_ids[sampled] = (probs[sampled] / noise).argmax(dim=-1)
-        return token_ids.tolist()  # NOTE: the step's one device -> host sync
+            token_ids[index] = (probs[index] / noise).argmax(dim=-1)
+        return token_ids
 
     # ------------------------------------------------------------------ logprobs
     def logprobs(self, processed: torch.Tensor, rows: Seq[SamplingRow],
@@ -131,10 +150,17 @@ class Sampler:
         return out
 
 
+def samples_on_device(params: SamplingParams) -> bool:
+    """Whether rows with `params` sample without the host's view of their tokens (no
+    penalties, no logprobs): what `sample_on_device` takes."""
+    return not params.has_penalties and params.logprobs is None
+
+
 def exponential_noise(size: int, generator: torch.Generator,
                       device: torch.device) -> torch.Tensor:
     """Exp(1) noise from a (CPU) per-sequence generator, moved to `device`."""
-    return torch.empty(size).exponential_(generator=generator).to(device)
+    noise = torch.empty(size, pin_memory=device.type == "cuda")
+    return noise.exponential_(generator=generator).to(device, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, prompt_ids: Seq[int], output_ids: Seq[int],

@@ -6,7 +6,10 @@ sequences. Each step:
 
 1. Running sequences first, decodes before prompts still being prefilled (so a long prompt
    never stalls the decodes): a decode computes 1 token (plus the slots its speculative
-   drafts need), a prompt the next chunk that fits the token budget (chunked prefill).
+   drafts need), a prompt the next chunk that fits the token budget (chunked prefill). A
+   decode whose newest token is its last (`max_tokens`), still a placeholder of an
+   overlapped step, computes nothing (what it would sample is past the end): the engine
+   finishes it once it reads that token.
    When the pool has no block for a running sequence, the most recently admitted running
    sequence not yet scheduled this step is preempted by recompute: its blocks are freed and
    it returns to the front of the waiting queue; later it recomputes prompt + generated
@@ -147,6 +150,7 @@ class Scheduler:
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
+            assert not seq.num_placeholders, "a preempted sequence is admitted once resolved"
             num_new_seqs = seq.params.n if seq.is_fork_pending else 1
             if len(self.running) + num_new_seqs > self.config.max_num_seqs:
                 break
@@ -164,8 +168,8 @@ class Scheduler:
     def _num_new_tokens(self, seq: Sequence, budget: int) -> tuple[int, int]:
         """(tokens to compute, draft slots to reserve) for a running sequence."""
         if seq.is_decoding:
-            if budget < 1:
-                return 0, 0
+            if budget < 1 or seq.num_remaining_tokens <= 0:
+                return 0, 0  # no tokens left: its newest one is a placeholder, its last
             wanted = min(self.config.num_lookahead_tokens, seq.num_remaining_tokens - 1)
             return 1, max(0, min(wanted, budget - 1))
         remaining = seq.num_uncomputed_tokens

@@ -11,6 +11,13 @@ Invariant between steps: a running sequence that has sampled has keys and values
 token but its newest one (`num_computed_tokens == num_tokens - 1`); a prompt being
 prefilled in chunks has fewer.
 
+With overlapped steps (see `engine.py`) a token is known on the device one step before the
+host reads it: it enters the ids as a *placeholder*, a negative number (`-1 - row`: the
+row of the sampling step's token tensor that holds it), and counts as generated; the
+engine later resolves it (`resolve_placeholder`, oldest first) or, when an earlier token
+ended the sequence, drops it. Text, logprobs, timings and stop checks see only resolved
+tokens.
+
 It knows nothing about devices or models; its detokenizer (if any) turns ids into text.
 """
 
@@ -79,6 +86,7 @@ class Sequence:
         self.generator = make_generator(params.seed, index)
         self.timings = SequenceTimings(arrival=arrival_time)
         self.is_fork_pending = params.n > 1  # an n > 1 parent forks its siblings once
+        self.num_placeholders = 0  # trailing output ids sampled but not read yet
 
     # ------------------------------------------------------------------ derived state
     @property
@@ -92,6 +100,10 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
+
+    @property
+    def num_resolved_output_tokens(self) -> int:
+        return len(self.output_ids) - self.num_placeholders
 
     @property
     def last_token_id(self) -> int:
@@ -148,8 +160,37 @@ class Sequence:
     # ------------------------------------------------------------------ outputs
     def append_token(self, token_id: int, logprobs: TokenLogprobs | None, now: float) -> str:
         """Record a generated token; returns the text it completes."""
+        assert not self.num_placeholders, "resolve the placeholders first"
         self.output_ids.append(token_id)
         self.token_ids.append(token_id)
+        return self._record(token_id, logprobs, now)
+
+    def append_placeholder(self, placeholder: int) -> None:
+        """A token sampled on the device, not read yet: `placeholder` (< 0) stands for it."""
+        assert placeholder < 0, "placeholders are negative"
+        self.output_ids.append(placeholder)
+        self.token_ids.append(placeholder)
+        self.num_placeholders += 1
+
+    def resolve_placeholder(self, token_id: int, now: float) -> str:
+        """The oldest placeholder becomes `token_id`; returns the text it completes."""
+        assert self.num_placeholders, "no placeholder to resolve"
+        position = len(self.output_ids) - self.num_placeholders
+        self.output_ids[position] = token_id
+        self.token_ids[self.num_prompt_tokens + position] = token_id
+        self.num_placeholders -= 1
+        return self._record(token_id, None, now)
+
+    def drop_placeholders(self) -> None:
+        """Forget the unread tokens (an earlier one ended the sequence). Their keys and
+        values were never computed: each was the newest token when it was sampled."""
+        if self.num_placeholders:
+            del self.output_ids[-self.num_placeholders:]
+            del self.token_ids[-self.num_placeholders:]
+            self.num_placeholders = 0
+        assert self.num_computed_tokens <= self.num_tokens, "a dropped token was computed"
+
+    def _record(self, token_id: int, logprobs: TokenLogprobs | None, now: float) -> str:
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
         if self.timings.first_token is None:

@@ -139,8 +139,8 @@ class DraftModelProposer:
         while drafting:
             rows = [SamplingRow(e.seq, proposals[e.seq.seq_id].draft_ids) for e in drafting]
             q = self.sampler.distribution(self.sampler.process(logits, rows), rows)
-            for i, (entry, token) in enumerate(zip(drafting, self.sampler.draw(q, rows),
-                                                   strict=True)):
+            tokens = self.sampler.draw(q, rows).tolist()
+            for i, (entry, token) in enumerate(zip(drafting, tokens, strict=True)):
                 proposals[entry.seq.seq_id].draft_ids.append(token)
                 probs[entry.seq.seq_id].append(q[i])
             drafting = [e for e in drafting

@@ -1,5 +1,6 @@
 """Fixtures for the serving tests: tiny random models (fp32, one CPU thread) and engines
-that are checked for leaked KV blocks when each test ends."""
+that are checked for leaked KV blocks when each test ends, with steps in order and
+overlapped."""
 
 from __future__ import annotations
 
@@ -33,12 +34,15 @@ def draft_model() -> TesseraForCausalLM:
                       intermediate_size=64)
 
 
-@pytest.fixture
-def make_engine():
-    """Build engines; when the test ends each must be idle with every block free."""
+@pytest.fixture(params=[False, True], ids=["in_order", "overlapped"])
+def make_engine(request):
+    """Build engines; when the test ends each must be idle with every block free. Every
+    test runs twice: steps in order, and overlapped (`async_scheduling`, which the CPU
+    runs too, reading each step's tokens one step late)."""
     engines: list[LLMEngine] = []
 
     def make(model, tokenizer=None, *, draft_model=None, **config) -> LLMEngine:
+        config.setdefault("async_scheduling", request.param)
         engine = LLMEngine(model, tokenizer, config=EngineConfig(**config),
                            draft_model=draft_model)
         engines.append(engine)
