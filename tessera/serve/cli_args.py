@@ -37,6 +37,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-tokens", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true", default=None,
                         help="run decode steps eagerly instead of replaying CUDA graphs")
+    parser.add_argument("--max-prefill-graph-len", type=int, default=None,
+                        help="replay CUDA graphs for a lone fresh prompt up to this many "
+                        "tokens (default 512; 0: prefill eagerly)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None, help="overlap each step's host work with the "
                         "previous step's device work (default: on for CUDA)")

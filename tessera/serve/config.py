@@ -5,8 +5,10 @@ The KV pool's size is given as at most one of `num_kv_blocks`, `kv_cache_tokens`
 `max_num_seqs` sequences of the full context need. Speculative decoding is off unless
 `speculative_method` is "draft" (a draft model passed to the engine) or "ngram" (prompt
 lookup). On CUDA, decode steps replay CUDA graphs captured per batch-size bucket unless
-`enforce_eager`. With `fuse_projections` (the default) the engine fuses each layer's q/k/v
-and gate/up projections of the models it is given, in place
+`enforce_eager`, and so does a step that is one fresh prompt of up to
+`max_prefill_graph_len` tokens (per length bucket of 16, 32, ...; 0 turns that off). With
+`fuse_projections` (the default) the engine fuses each layer's q/k/v and gate/up
+projections of the models it is given, in place
 (`tessera/model/fused_projections.py`). `async_scheduling` overlaps the host's work with
 the device's: the next step is scheduled and launched before the tokens of the one running
 are read back (see `engine.py`); None, the default, turns it on for CUDA models. It knows
@@ -42,6 +44,7 @@ class EngineConfig:
     ngram_max: int = 4
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     max_cuda_graph_batch_size: int = 256  # larger decode batches run eagerly
+    max_prefill_graph_len: int = 512  # longer lone fresh prompts prefill eagerly; 0: all
     fuse_projections: bool = True  # one product for q/k/v and one for gate/up, in place
     async_scheduling: bool | None = None  # None: on for CUDA models, off elsewhere
 
@@ -54,6 +57,9 @@ class EngineConfig:
                      "max_model_len"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+        length = self.max_prefill_graph_len
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise ConfigError(f"max_prefill_graph_len must be an integer >= 0, got {length!r}")
         sizes = [n for n in ("num_kv_blocks", "kv_cache_tokens", "kv_cache_memory_bytes")
                  if getattr(self, n) is not None]
         if len(sizes) > 1:

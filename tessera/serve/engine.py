@@ -10,7 +10,8 @@ is refused with finish reason "error" and a message, reported by the next step, 
 waiting forever. Whenever the engine goes idle it checks that every KV block is back in
 the free pool and raises if not. On CUDA, the engine runs one prefill per length bucket at
 startup (kernels compile and autotune then, not under the first requests) and decode steps
-replay CUDA graphs (see `cuda_graphs.py`; `EngineConfig.enforce_eager` turns them off).
+replay CUDA graphs (see `cuda_graphs.py`; `EngineConfig.enforce_eager` turns them off), as
+does a step that is one fresh prompt alone (`prefill_graphs.py`).
 
 With `async_scheduling` (on by default for CUDA models) steps overlap: a step schedules
 and launches its batch, with the device-sampled tokens of the step still running as
@@ -48,6 +49,7 @@ from tessera.serve.model_runner import ModelRunner, StaticDecodeSettings
 from tessera.serve.outputs import RequestOutput, request_output
 from tessera.serve.pinned_uploads import host_to_device
 from tessera.serve.placeholders import placeholder
+from tessera.serve.prefill_graphs import uses_host_boundaries
 from tessera.serve.sampler import Sampler, SamplingRow, samples_on_device
 from tessera.serve.sampling_params import SamplingParams
 from tessera.serve.scheduler import ScheduledBatch, ScheduledSeq, Scheduler
@@ -85,13 +87,19 @@ class EngineStats:
 def static_decode_settings(config: EngineConfig, model: TesseraForCausalLM,
                            max_model_len: int, query_lens: Seq[int]
                            ) -> StaticDecodeSettings | None:
-    """CUDA-graph decode on CUDA unless `enforce_eager`; None (all eager) elsewhere."""
-    if config.enforce_eager or model.lm_head.weight.device.type != "cuda":
+    """CUDA-graph decode (and lone fresh prefills) on CUDA unless `enforce_eager`; None
+    (all eager) elsewhere. Prefill graphs stay off where the attention op reads packed
+    boundaries on the host (see `prefill_graphs.py`)."""
+    device = model.lm_head.weight.device
+    if config.enforce_eager or device.type != "cuda":
         return None
     lens = tuple(sorted({q for q in query_lens if q <= MAX_GRAPH_QUERY_LEN}))
+    prefill_len = 0 if uses_host_boundaries(device) else min(
+        config.max_prefill_graph_len, config.max_num_batched_tokens, max_model_len)
     return StaticDecodeSettings(max_model_len=max_model_len, query_lens=lens,
                                 max_batch_size=min(config.max_num_seqs,
-                                                   config.max_cuda_graph_batch_size))
+                                                   config.max_cuda_graph_batch_size),
+                                max_prefill_graph_len=prefill_len)
 
 
 @dataclass

@@ -12,9 +12,12 @@ logits `[R, V]` in the order of the items.
 A batch in which every sequence computes the same few tokens (a decode step, a draft step,
 a speculative verification) goes instead through `StaticDecodeRunner` (`cuda_graphs.py`):
 padded to a batch-size bucket in static buffers and, on CUDA, replayed as a captured CUDA
-graph. Other batches (prefill chunks, mixed steps) build their tensors from Python lists
-with data-dependent shapes and run eagerly. The pool holds one block more than the block
-manager hands out: the padding block that padded rows of a static batch write into.
+graph. A step that is one fresh prompt of up to `max_prefill_graph_len` tokens and nothing
+else goes through `StaticPrefillRunner` (`prefill_graphs.py`) the same way, padded to a
+length bucket. Other batches (longer or continued prefill chunks, mixed steps) build their
+tensors from Python lists with data-dependent shapes and run eagerly. The pool holds one
+block more than the block manager hands out: the padding block that padded rows of a
+static batch write into.
 
 Token ids may hold placeholders (see `sequence.py`): `-1 - j` stands for row j of
 `pending_tokens`, the device tensor of tokens the previous step sampled; they are replaced
@@ -41,6 +44,7 @@ from tessera.serve.kv_pool import KVPool
 from tessera.serve.paged_attention import AttentionGroup, PagedAttentionMetadata, PagedContext
 from tessera.serve.pinned_uploads import host_to_device
 from tessera.serve.placeholders import fill_placeholders
+from tessera.serve.prefill_graphs import StaticPrefillRunner
 
 
 def group_items(items: Sequence[ForwardItem]) -> list[tuple[bool, list[int]]]:
@@ -123,6 +127,7 @@ class StaticDecodeSettings:
     max_batch_size: int
     query_lens: tuple[int, ...] = (1,)
     use_graphs: bool = True
+    max_prefill_graph_len: int = 0  # lone fresh prompts up to this long: static too (>= 16)
 
 
 class ModelRunner:
@@ -144,7 +149,15 @@ class ModelRunner:
                 padding_block=self.padding_block, max_model_len=s.max_model_len,
                 max_batch_size=s.max_batch_size, query_lens=s.query_lens,
                 use_graphs=s.use_graphs)
+        self.prefill = None
+        if static_decode is not None and static_decode.max_prefill_graph_len >= 16:
+            self.prefill = StaticPrefillRunner(
+                self._forward_one_row, device=self.device, block_size=block_size,
+                padding_block=self.padding_block,
+                max_len=static_decode.max_prefill_graph_len,
+                use_graphs=static_decode.use_graphs)
 
+    @torch.inference_mode()
     def warm_up(self, max_num_tokens: int) -> None:
         """Run one fresh prefill of 64, 128, ... up to `max_num_tokens` tokens, so that
         kernels compile and autotune (per length bucket) now rather than under the first
@@ -156,17 +169,18 @@ class ModelRunner:
         while True:
             n = min(num_tokens, max_num_tokens, capacity)
             table = list(range(-(-n // self.block_size)))
-            self.forward([ForwardItem(table, 0, [0] * n, 1)])
+            self._forward_eager([ForwardItem(table, 0, [0] * n, 1)], None)
             if n >= min(max_num_tokens, capacity):
                 break
             num_tokens *= 2
         self.timer = ForwardTimer(self.device)
 
     def capture_graphs(self) -> None:
-        """Capture the static path's CUDA graphs (no-op without graphs)."""
-        if self.static is not None:
-            with torch.inference_mode():
-                self.static.capture()
+        """Capture the static paths' CUDA graphs (no-op without graphs)."""
+        with torch.inference_mode():
+            for static in (self.static, self.prefill):
+                if static is not None:
+                    static.capture()
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         self.pool.copy_blocks(copies)
@@ -182,6 +196,14 @@ class ModelRunner:
         if key is not None:
             with self.timer.measure():
                 return self.static.forward(items, key, pending_tokens=pending_tokens)
+        bucket = self.prefill.key(items) if self.prefill is not None else None
+        if bucket is not None:
+            with self.timer.measure():
+                return self.prefill.forward(items, bucket, pending_tokens=pending_tokens)
+        return self._forward_eager(items, pending_tokens)
+
+    def _forward_eager(self, items: Sequence[ForwardItem],
+                       pending_tokens: torch.Tensor | None) -> torch.Tensor:
         inputs = self.prepare(items)
         fill_placeholders(inputs.input_ids, pending_tokens)
         ctx = PagedContext(self.pool, inputs.metadata)
@@ -196,6 +218,13 @@ class ModelRunner:
         out = self.model.run(input_ids, positions, PagedContext(self.pool, metadata),
                              compute_logits=False)
         return self.model.lm_head(out.last_hidden[0]).float()
+
+    def _forward_one_row(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                         metadata: PagedAttentionMetadata, row: torch.Tensor) -> torch.Tensor:
+        """The static prefill's body: logits `[1, V]` (fp32) of row `row` (int64 `[1]`)."""
+        out = self.model.run(input_ids, positions, PagedContext(self.pool, metadata),
+                             compute_logits=False)
+        return self.model.lm_head(out.last_hidden[0].index_select(0, row)).float()
 
     def prepare(self, items: Sequence[ForwardItem]) -> StepInputs:
         """The step's tensors, its tokens laid out group by group (see `group_items`);
