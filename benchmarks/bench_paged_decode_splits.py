@@ -13,6 +13,13 @@ and with each count of `--splits` forced (medians of `triton.testing.do_bench`),
 output against the single-split result, and reports the K/V bytes the contexts hold over
 the time. The ratio column is the default's time over the row's (> 1: faster than the
 default).
+
+`--tiles 64x4x2 128x8x3 ...` adds rows with each `(BLOCK_N, num_warps, num_stages)` forced
+instead of the autotuned one (for each split count). `--graph` times each variant the way
+the engine runs it: a CUDA graph of back-to-back launches, each on its own copy of the pool
+(as each layer has its own, so the keys are not in L2 from the previous launch, where
+memory allows), device time per launch; `do_bench` times small grids mostly by their
+launch overhead, which a graph does not pay.
 """
 
 from __future__ import annotations
@@ -41,6 +48,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-context", type=int, default=2048)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--tiles", nargs="*", default=[],
+                        help="forced tiles BLOCK_NxWARPSxSTAGES, e.g. 64x4x2")
+    parser.add_argument("--graph", action="store_true",
+                        help="time launches inside a CUDA graph (see the docstring)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
@@ -71,32 +82,72 @@ def make_inputs(args: argparse.Namespace, batch: int, gen: torch.Generator) -> d
     return dict(q=q, k_cache=k_cache, v_cache=v_cache, meta=meta, kv_bytes=kv_bytes)
 
 
+GRAPH_LAUNCHES, GRAPH_POOL_BYTES = 16, 8 << 30
+
+
+def graph_ms(launches: list) -> float:
+    """Device ms per launch of `launches` (callables) replayed as one CUDA graph."""
+    for fn in launches:
+        fn()  # compile, autotune, grow the split counters before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in launches:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(launches))
+    return sorted(times)[len(times) // 2]
+
+
+def parse_tile(text: str) -> tuple[int, int, int]:
+    block_n, warps, stages = (int(part) for part in text.split("x"))
+    return block_n, warps, stages
+
+
 def bench_batch(args: argparse.Namespace, batch: int, gen: torch.Generator) -> list[dict]:
     x = make_inputs(args, batch, gen)
     default = choose_num_splits(batch, args.kv_heads, args.max_model_len, x["q"].device)
+    pool_bytes = 2 * x["k_cache"].numel() * x["k_cache"].element_size()
+    copies = [(x["k_cache"], x["v_cache"])]
+    if args.graph:
+        count = max(1, min(GRAPH_LAUNCHES, GRAPH_POOL_BYTES // max(pool_bytes, 1)))
+        copies += [(x["k_cache"].clone(), x["v_cache"].clone()) for _ in range(count - 1)]
 
-    def launch(splits: int | None):
-        return lambda: paged_decode_forward(x["q"], x["k_cache"], x["v_cache"],
-                                            num_splits=splits, **x["meta"])
-    expected = launch(1)().float()
+    def launch(splits: int | None, tile, k_cache, v_cache):
+        out = torch.empty_like(x["q"])
+        return lambda: paged_decode_forward(x["q"], k_cache, v_cache, num_splits=splits,
+                                            tile=tile, out=out, **x["meta"])
+    expected = launch(1, None, *copies[0])().float()
     rows = []
-    for splits in (None, *args.splits):
-        fn = launch(splits)
-        error = ((fn().float() - expected).norm() / expected.norm()).item()
-        ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
-        rows.append({"batch": batch, "splits": f"default ({default})" if splits is None
-                     else str(splits), "ms": ms, "tb_per_s": x["kv_bytes"] / ms / 1e9,
-                     "rel_err_vs_one_split": error})
+    for tile in (None, *map(parse_tile, args.tiles)):
+        for splits in (None, *args.splits):
+            launches = [launch(splits, tile, k, v) for k, v in copies]
+            error = ((launches[0]().float() - expected).norm() / expected.norm()).item()
+            ms = (graph_ms(launches) if args.graph
+                  else do_bench(launches[0], warmup=50, rep=300, return_mode="median"))
+            rows.append({"batch": batch, "splits": f"default ({default})" if splits is None
+                         else str(splits), "tile": "tuned" if tile is None
+                         else "x".join(map(str, tile)), "ms": ms,
+                         "tb_per_s": x["kv_bytes"] / ms / 1e9, "rel_err_vs_one_split": error})
     for row in rows:
         row["default_time_ratio"] = rows[0]["ms"] / row["ms"]
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'B':>4} {'splits':>12} {'us':>9} {'TB/s':>6} {'rel err':>8} {'vs default':>10}")
+    print(f"{'B':>4} {'splits':>12} {'tile':>9} {'us':>9} {'TB/s':>6} {'rel err':>8} "
+          f"{'vs default':>10}")
     for r in rows:
-        print(f"{r['batch']:4d} {r['splits']:>12} {r['ms'] * 1e3:9.1f} {r['tb_per_s']:6.2f} "
-              f"{r['rel_err_vs_one_split']:8.1e} {r['default_time_ratio']:9.2f}x")
+        print(f"{r['batch']:4d} {r['splits']:>12} {r['tile']:>9} {r['ms'] * 1e3:9.1f} "
+              f"{r['tb_per_s']:6.2f} {r['rel_err_vs_one_split']:8.1e} "
+              f"{r['default_time_ratio']:9.2f}x")
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -26,7 +26,9 @@ as a CUDA graph and replayed every step after with no Python in the model's path
 On the CPU (and with `use_graphs=False`) the same padded forward runs eagerly: that is how
 the static path is tested without a GPU. Capture needs the kernels warmed up first (Triton
 autotuning benchmarks on its first call), so every bucket is run once eagerly before its
-capture. All graphs share one memory pool; they are replayed one at a time on one stream.
+capture, its padding rows attending over `WARM_UP_CONTEXT` positions of the padding block
+(the paged kernel's tile is tuned then, and one-token contexts would tune it for nothing).
+All graphs share one memory pool; they are replayed one at a time on one stream.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from tessera.serve.pinned_uploads import PinnedUploads
 from tessera.serve.placeholders import fill_placeholders
 
 MAX_GRAPH_QUERY_LEN = 8  # longest per-sequence query captured (the paged kernel's limit)
+WARM_UP_CONTEXT = 1024  # context of the padding rows a bucket's warm-up attends over
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -131,8 +134,11 @@ class StaticDecodeRunner:
         self._pool = torch.cuda.graph_pool_handle()
         for q in self.query_lens:
             for bucket in reversed(self.buckets):
+                # Warm-up: Triton autotuning (on contexts of a realistic length), lazy inits.
+                self._fill([], bucket, q, padding_context=min(self.max_context_len,
+                                                              WARM_UP_CONTEXT))
+                self._run_static(bucket, q)
                 self._fill([], bucket, q)
-                self._run_static(bucket, q)  # warm-up: Triton autotuning, lazy inits
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._pool):
@@ -177,9 +183,11 @@ class StaticDecodeRunner:
         return self.forward_fn(b.input_ids[:rows][None], b.positions[:rows][None], metadata)
 
     # ------------------------------------------------------------------ inputs
-    def _fill(self, items: Sequence[StaticItem], bucket: int, q: int) -> None:
+    def _fill(self, items: Sequence[StaticItem], bucket: int, q: int, *,
+              padding_context: int | None = None) -> None:
         """Upload the items' inputs, then padding rows up to `bucket`: q tokens at
-        positions 0..q-1 in the padding block."""
+        positions 0..q-1 in the padding block, attending over `padding_context` (default
+        q) positions of it."""
         size, pad = self.block_size, self.padding_block
         input_ids: list[int] = []
         positions: list[int] = []
@@ -189,7 +197,9 @@ class StaticDecodeRunner:
             input_ids.extend(item.token_ids)
             positions.extend(span)
             slots.extend(item.block_table[p // size] * size + p % size for p in span)
-        width = max([-(-(item.start + q) // size) for item in items], default=1)
+        padding_context = q if padding_context is None else padding_context
+        width = max([-(-(item.start + q) // size) for item in items]
+                    + [-(-padding_context // size)])
         tables = [list(item.block_table[:width]) for item in items]
         num_padding = bucket - len(items)
         tables = [row + [pad] * (width - len(row)) for row in tables] + \
@@ -197,7 +207,7 @@ class StaticDecodeRunner:
         input_ids += [0] * (num_padding * q)
         positions += list(range(q)) * num_padding
         slots += [pad * size + offset for offset in range(q)] * num_padding
-        context_lens = [item.start + q for item in items] + [q] * num_padding
+        context_lens = [item.start + q for item in items] + [padding_context] * num_padding
         rows = bucket * q
         with self.uploads.round():
             self.uploads.upload("input_ids", np.s_[:rows], input_ids)

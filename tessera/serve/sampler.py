@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tessera.serve.argmax import first_argmax
 from tessera.serve.pinned_uploads import host_to_device
 from tessera.serve.sampling_params import SamplingParams
 from tessera.serve.sequence import Sequence, TokenLogprobs
@@ -65,7 +66,7 @@ class Sampler:
 
     def _draw_ids(self, processed: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
         if all(r.seq.params.is_greedy for r in rows):
-            return processed.argmax(dim=-1)
+            return first_argmax(processed)
         return self.draw(self.distribution(processed, rows), rows)
 
     # ------------------------------------------------------------------ 1. process

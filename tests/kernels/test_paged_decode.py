@@ -32,6 +32,7 @@ class Case:
     kv_heads: int
     head_dim: int
     num_splits: int | None  # None: the launcher's own choice
+    tile: tuple[int, int, int] | None = None  # forced (BLOCK_N, warps, stages); None: tuned
 
 
 # The interpreter's tile is 16 positions; splits of ceil(50 / 3) = 17 positions start
@@ -42,12 +43,15 @@ SMALL = {
     "verify-bs8-d64": Case((5, 23, 41), (1, 3, 3), 8, 4, 2, 64, 4),
     "verify-mqa-odd-d": Case((9, 30, 3), (2, 8, 3), 8, 6, 1, 24, 5),
     "decode-mha-bs5": Case((7, 12, 33, 2), (1, 1, 1, 1), 5, 2, 2, 16, None),
+    "decode-forced-tile": Case((1, 17, 50), (1, 2, 1), 16, 4, 2, 32, 3, tile=(32, 4, 1)),
 }
 LARGE = {
     "decode-gqa": Case((1, 700, 2049, 4096, 33, 1500, 16, 3000), (1,) * 8, 16, 32, 8, 128,
                        None),
     "verify-gqa": Case((5, 777, 2050, 4000), (4, 8, 1, 3), 16, 32, 8, 128, None),
     "decode-odd": Case((3, 999, 1234), (1, 1, 1), 24, 12, 4, 80, 7),
+    "decode-forced-tile": Case((3, 999, 1234, 77), (1, 1, 1, 1), 16, 32, 8, 64, 11,
+                               tile=(128, 8, 3)),
 }
 
 
@@ -107,7 +111,8 @@ def check_paged_decode(case: Case, dtype: torch.dtype, device: str):
     for _ in range(2):  # the second launch relies on the first having reset the counters
         out.fill_(float("nan"))
         returned = kernels.paged_decode_forward(q, k_cache, v_cache, **kwargs,
-                                                num_splits=case.num_splits, out=out)
+                                                num_splits=case.num_splits, out=out,
+                                                tile=case.tile)
         assert returned is out
         assert_close(out, expected, dtype)
         assert not kernels.split_counters(q.device, 1).any(), "split counters left non-zero"

@@ -162,3 +162,17 @@ def test_warm_up_touches_no_block_past_the_budget(model):
     item = ForwardItem([3, 7], 0, [5, 9, 11, 2, 8], 1)
     fresh = ModelRunner(model, 12, BLOCK)
     torch.testing.assert_close(runner.forward([item]), fresh.forward([item]))
+
+
+def test_capture_warm_up_attends_long_padding_contexts_inside_the_padding_block(model):
+    """The warm-up before a capture (which tunes the paged kernel) has its padding rows
+    attend over many positions: it reads and writes the padding block only."""
+    _, static = _runners(model, num_blocks=20)
+    before = static.pool.keys.clone(), static.pool.values.clone()
+    static.static._fill([], 4, 3, padding_context=40)
+    assert static.static.buffers.context_lens[:4].tolist() == [40] * 4
+    logits = static.static._run_static(4, 3)
+    assert torch.isfinite(logits).all()
+    real = slice(0, static.padding_block)
+    assert torch.equal(static.pool.keys[:, real], before[0][:, real])
+    assert torch.equal(static.pool.values[:, real], before[1][:, real])
