@@ -51,10 +51,13 @@ class SharedInputProjection(nn.Module):
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
         self.hooks: list = []  # the parent's state-dict hooks, removed on unfusing
+        # (x, weight, bias) -> x @ weight^T + bias; serving may swap in a faster one
+        # (`cpu_prepack.py`)
+        self.product = F.linear
 
     def member(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if self._input is not x:
-            self._input, self._output = x, F.linear(x, self.weight, self.bias)
+            self._input, self._output = x, self.product(x, self.weight, self.bias)
         start = self.starts[index]
         out = self._output[..., start:start + self.sizes[index]]
         if index == len(self.sizes) - 1:

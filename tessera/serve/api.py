@@ -469,7 +469,7 @@ def _run_uvicorn(app: FastAPI, *, host: str, port: int, log_level: str) -> None:
 ENGINE_ARGS = ("speculative_method", "num_speculative_tokens", "max_num_seqs",
                "max_num_batched_tokens", "max_model_len", "block_size", "kv_cache_tokens",
                "enforce_eager", "max_prefill_graph_len", "async_scheduling",
-               "fuse_projections")
+               "fuse_projections", "cpu_prepack")
 
 
 def serve_from_args(args: argparse.Namespace) -> None:

@@ -46,6 +46,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-fuse-projections", dest="fuse_projections",
                         action="store_false", default=None,
                         help="keep q/k/v and gate/up as separate products")
+    parser.add_argument("--no-cpu-prepack", dest="cpu_prepack", action="store_false",
+                        default=None, help="on the CPU, keep the weights unpacked (saves "
+                        "a copy of them in memory; decode steps run slower)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads "

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import torch
 
 from tessera.errors import ConfigError, RequestError
+from tessera.model.cpu_prepack import prepack_linears
 from tessera.model.fused_projections import fuse_projections
 from tessera.model.transformer import TesseraForCausalLM
 from tessera.serve.block_manager import BlockManager
@@ -145,10 +146,11 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model.config.max_seq_len,
                                  model.config.max_seq_len)
         self._check_speculative(model, draft_model)
-        if config.fuse_projections:
-            for each in (model, draft_model):
-                if each is not None:
-                    fuse_projections(each)
+        for each in (model, draft_model):
+            if each is not None and config.fuse_projections:
+                fuse_projections(each)
+            if each is not None and config.cpu_prepack:
+                prepack_linears(each)  # no-op but on CPU
         num_blocks = self._num_kv_blocks(model, draft_model)
         self.block_manager = BlockManager(num_blocks, config.block_size,
                                           enable_prefix_caching=config.enable_prefix_caching)

@@ -1,0 +1,109 @@
+"""oneDNN-prepacked linear layers (`tessera.model.cpu_prepack`) against `F.linear` and the
+plain model: the same products on odd shapes, the same logits, state dict and engine
+tokens, untouched training, and undoing it (also before quantizing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tessera.errors import ConfigError
+from tessera.model.cpu_prepack import (
+    PackedProduct,
+    PrepackedLinear,
+    prepack_linears,
+    unprepack_linears,
+)
+from tessera.model.fused_projections import fuse_projections
+from tessera.quant import quantize_model
+from tessera.serve.config import EngineConfig
+
+from .helpers import GREEDY, run_engine, tiny_model
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 96), (2, 96), (17, 96), (3, 5, 96), (1, 300, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_product_equals_linear(dtype, shape, bias):
+    generator = torch.Generator().manual_seed(sum(shape))
+    weight = torch.randn(131, 96, generator=generator).to(dtype)
+    b = torch.randn(131, generator=generator).to(dtype) if bias else None
+    x = torch.randn(*shape, generator=generator).to(dtype)
+    product = PackedProduct(weight)
+    with torch.inference_mode():
+        got = product(x, weight, b)
+    expected = F.linear(x.double(), weight.double(), b.double() if bias else None)
+    assert got.shape == expected.shape and got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_prepacked_model_gives_the_same_logits_and_state_dict(fuse):
+    config = dict(attention_bias=True, tie_word_embeddings=True)
+    plain, packed = tiny_model(seed=3, **config), tiny_model(seed=3, **config)
+    if fuse:
+        fuse_projections(packed)
+    expected_state = packed.state_dict()
+    per_layer = 2 + (2 if fuse else 5)  # o, down + the fused groups or the five members
+    assert prepack_linears(packed) == per_layer * packed.config.num_layers + 1  # + head
+    assert isinstance(packed.lm_head, PrepackedLinear)
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight  # still tied
+    state = packed.state_dict()
+    assert sorted(state) == sorted(expected_state)
+    assert all(torch.equal(state[k], v) for k, v in expected_state.items())
+    ids = torch.randint(2, 256, (3, 11), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed(ids[:, :1]), plain(ids[:, :1]), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_training_through_a_prepacked_model_takes_the_plain_product():
+    model = tiny_model(seed=1)
+    prepack_linears(model)
+    ids = torch.randint(2, 256, (2, 7))
+    model(ids).logsumexp(-1).sum().backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_unprepacking_restores_linears_and_a_prepacked_model_still_quantizes():
+    model = tiny_model(seed=2)
+    fuse_projections(model)
+    count = prepack_linears(model)
+    assert unprepack_linears(model) == count
+    assert not any(isinstance(m, PrepackedLinear) for m in model.modules())
+    assert type(model.lm_head) is torch.nn.Linear
+    prepack_linears(model)
+    quantize_model(model, "int8")
+    expected = quantize_model(tiny_model(seed=2), "int8")
+    ids = torch.randint(2, 256, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids), expected(ids))
+
+
+def test_nothing_is_packed_without_onednn_or_off_the_cpu(monkeypatch):
+    model = tiny_model(seed=2).to(torch.float16)  # a dtype it does not pack
+    assert prepack_linears(model) == 0
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert prepack_linears(tiny_model(seed=2)) == 0
+
+
+def test_the_engine_prepacks_by_default_and_gives_the_same_tokens(make_engine):
+    prompts = [[5, 9, 17, 3], [40, 41, 42, 43, 44, 45, 46], [7]]
+    outputs = {}
+    for prepack in (False, True):
+        model = tiny_model(seed=7)
+        engine = make_engine(model, cpu_prepack=prepack)
+        assert isinstance(model.lm_head, PrepackedLinear) is prepack
+        finished = run_engine(engine, {str(i): (p, GREEDY) for i, p in enumerate(prompts)})
+        outputs[prepack] = [finished[str(i)].outputs[0].token_ids
+                            for i in range(len(prompts))]
+    assert outputs[True] == outputs[False]
+
+
+def test_cpu_prepack_must_be_a_bool():
+    with pytest.raises(ConfigError, match="cpu_prepack must be true or false"):
+        EngineConfig(cpu_prepack=1)
