@@ -63,6 +63,12 @@ def drain(engine: LLMEngine, max_steps: int = 10_000) -> dict[str, RequestOutput
     raise AssertionError(f"the engine did not finish in {max_steps} steps")
 
 
+def greedy_token_ids(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+    """Each prompt's greedy output token ids (`GREEDY`), all prompts run together."""
+    finished = run_engine(engine, {str(i): (p, GREEDY) for i, p in enumerate(prompts)})
+    return [finished[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+
+
 class FakeTokenizer:
     """Token id i is the character chr(ord('a') + i % 26); the EOS id is special."""
 

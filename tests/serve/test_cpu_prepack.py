@@ -19,7 +19,7 @@ from tessera.model.fused_projections import fuse_projections
 from tessera.quant import quantize_model
 from tessera.serve.config import EngineConfig
 
-from .helpers import GREEDY, run_engine, tiny_model
+from .helpers import greedy_token_ids, tiny_model
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -98,9 +98,7 @@ def test_the_engine_prepacks_by_default_and_gives_the_same_tokens(make_engine):
         model = tiny_model(seed=7)
         engine = make_engine(model, cpu_prepack=prepack)
         assert isinstance(model.lm_head, PrepackedLinear) is prepack
-        finished = run_engine(engine, {str(i): (p, GREEDY) for i, p in enumerate(prompts)})
-        outputs[prepack] = [finished[str(i)].outputs[0].token_ids
-                            for i in range(len(prompts))]
+        outputs[prepack] = greedy_token_ids(engine, prompts)
     assert outputs[True] == outputs[False]
 
 

@@ -17,7 +17,7 @@ from tessera.model.fused_projections import (
 from tessera.quant import quantize_model
 from tessera.serve.config import EngineConfig
 
-from .helpers import GREEDY, run_engine, tiny_model
+from .helpers import GREEDY, greedy_token_ids, tiny_model
 
 
 def _logits(model, ids):
@@ -106,8 +106,7 @@ def test_the_engine_fuses_by_default_and_gives_the_same_tokens(make_engine):
         model = tiny_model(seed=7)
         engine = make_engine(model, fuse_projections=fuse)
         assert is_fused(model) is fuse
-        finished = run_engine(engine, {str(i): (p, GREEDY) for i, p in enumerate(prompts)})
-        outputs[fuse] = [finished[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+        outputs[fuse] = greedy_token_ids(engine, prompts)
     assert outputs[True] == outputs[False]
     assert all(len(tokens) == GREEDY.max_tokens for tokens in outputs[True])
 
