@@ -121,17 +121,19 @@ class ServerState:
 # ---------------------------------------------------------------------- app factory
 def create_app(model: Any, *, served_model_name: str, tokenizer: Any = None,
                api_key: str | None = None, max_waiting: int = DEFAULT_MAX_WAITING,
-               engine_config: EngineConfig | None = None) -> FastAPI:
+               engine_config: EngineConfig | None = None,
+               num_threads: int | None = None) -> FastAPI:
     """The app serving `model`: an `LLMEngine`, or a `LoadedModel` (from `tessera.load`)
     for which an engine is built with `engine_config`. The tokenizer defaults to the
-    engine's or the loaded model's. The engine thread starts with the app's lifespan."""
+    engine's or the loaded model's. The engine thread starts with the app's lifespan and
+    sets torch's intra-op threads to `num_threads` (see `async_engine.py`)."""
     engine = model if isinstance(model, LLMEngine) else LLMEngine(
         model.model, model.tokenizer, config=engine_config)
     tokenizer = tokenizer or engine.tokenizer or getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ConfigError("the server needs a tokenizer (for text prompts and chat); load "
                           "a model directory or GGUF file that has one")
-    async_engine = AsyncEngine(engine, max_waiting=max_waiting)
+    async_engine = AsyncEngine(engine, max_waiting=max_waiting, num_threads=num_threads)
     state = ServerState(
         engine=async_engine, tokenizer=tokenizer, model_name=served_model_name,
         limits=Limits(max_model_len=engine.max_model_len,
@@ -429,13 +431,15 @@ def serve(model_source: str, *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info", **engine_args: Any) -> None:
     """Load `model_source` (and a `draft` model for speculative decoding), build the
     engine from `engine_args` (`EngineConfig` fields) and serve until SIGTERM/SIGINT.
-    `threads` sets torch's intra-op threads (default: torch's choice, one per core)."""
+    `threads` sets torch's intra-op threads of the engine thread (default: torch's
+    choice, one per core); this thread loads the model single-threaded, so that only the
+    engine thread has an OpenMP team (see `async_engine.py`)."""
     import torch
 
     from tessera.checkpoint.loader import load  # lazy: loading pulls in checkpoint code
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    num_threads = threads if threads is not None else torch.get_num_threads()
+    torch.set_num_threads(1)
     loaded = load(model_source, dtype=dtype, device=device)
     draft_model = load(draft, dtype=dtype, device=device).model if draft else None
     if draft_model is not None:
@@ -443,7 +447,8 @@ def serve(model_source: str, *, host: str = "127.0.0.1", port: int = 8000,
     engine = LLMEngine(loaded.model, loaded.tokenizer, config=EngineConfig(**engine_args),
                        draft_model=draft_model)
     app = create_app(engine, served_model_name=served_model_name or model_source,
-                     tokenizer=loaded.tokenizer, api_key=api_key, max_waiting=max_waiting)
+                     tokenizer=loaded.tokenizer, api_key=api_key, max_waiting=max_waiting,
+                     num_threads=num_threads)
     _run_uvicorn(app, host=host, port=port, log_level=log_level)
 
 

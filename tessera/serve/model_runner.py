@@ -159,20 +159,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def warm_up(self, max_num_tokens: int) -> None:
-        """Run one fresh prefill of 64, 128, ... up to `max_num_tokens` tokens, so that
-        kernels compile and autotune (per length bucket) now rather than under the first
-        requests. Call it before any sequence holds a block: it writes the pool's first
-        blocks, whose contents nobody reads until they are handed out. The forward timer
-        starts afresh afterwards: warm-up is not serving time."""
+        """Run fresh prefills of 64, 128, ... up to `max_num_tokens` tokens, and of one
+        token fewer each, then an eager decode step over an odd context, so that kernels
+        compile and autotune now rather than under the first requests: per length
+        bucket, and for the integer specialisations Triton compiles separately (a length
+        divisible by 16 or not; CUDA graphs, whose decode contexts are sized by the model
+        length, never run the odd one). Call it before any sequence holds a block: it
+        writes the pool's first blocks, whose contents nobody reads until they are
+        handed out. The forward timer starts afresh afterwards: warm-up is not serving
+        time."""
         capacity = self.padding_block * self.block_size
         num_tokens = 64
         while True:
             n = min(num_tokens, max_num_tokens, capacity)
-            table = list(range(-(-n // self.block_size)))
-            self._forward_eager([ForwardItem(table, 0, [0] * n, 1)], None)
+            for length in dict.fromkeys((n, max(n - 1, 1))):
+                table = list(range(-(-length // self.block_size)))
+                self._forward_eager([ForwardItem(table, 0, [0] * length, 1)], None)
             if n >= min(max_num_tokens, capacity):
                 break
             num_tokens *= 2
+        context = min(17, capacity)  # one split of an odd number of positions
+        table = list(range(-(-context // self.block_size)))
+        decode = ForwardItem(table, context - 1, [0], 1)
+        self._forward_eager([decode, decode], None)
         self.timer = ForwardTimer(self.device)
 
     def capture_graphs(self) -> None:
