@@ -44,7 +44,7 @@ from tessera.serve.kv_pool import KVPool
 from tessera.serve.paged_attention import AttentionGroup, PagedAttentionMetadata, PagedContext
 from tessera.serve.pinned_uploads import host_to_device
 from tessera.serve.placeholders import fill_placeholders
-from tessera.serve.prefill_graphs import StaticPrefillRunner
+from tessera.serve.prefill_graphs import MIN_BUCKET, StaticPrefillRunner
 
 
 def group_items(items: Sequence[ForwardItem]) -> list[tuple[bool, list[int]]]:
@@ -127,7 +127,7 @@ class StaticDecodeSettings:
     max_batch_size: int
     query_lens: tuple[int, ...] = (1,)
     use_graphs: bool = True
-    max_prefill_graph_len: int = 0  # lone fresh prompts up to this long: static too (>= 16)
+    max_prefill_graph_len: int = 0  # lone fresh prompts up to this long go static too
 
 
 class ModelRunner:
@@ -150,7 +150,7 @@ class ModelRunner:
                 max_batch_size=s.max_batch_size, query_lens=s.query_lens,
                 use_graphs=s.use_graphs)
         self.prefill = None
-        if static_decode is not None and static_decode.max_prefill_graph_len >= 16:
+        if static_decode is not None and static_decode.max_prefill_graph_len >= MIN_BUCKET:
             self.prefill = StaticPrefillRunner(
                 self._forward_one_row, device=self.device, block_size=block_size,
                 padding_block=self.padding_block,

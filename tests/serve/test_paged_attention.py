@@ -57,6 +57,7 @@ def expected(q, contiguous, context_lens, query_lens):
     ([5, 13, 1], [5, 3, 1]),  # a whole prompt, a chunk after cached tokens, a decode
     ([7, 30, 9, 17], [1, 1, 1, 1]),  # decodes only
     ([21], [1]),  # one decode
+    ([1], [1]), ([16], [1]),  # one decode over one position, over whole blocks
     ([11, 6], [4, 6]),  # speculative verification of 3 drafts + a prompt
 ])
 def test_matches_attention_over_contiguous_keys(impl, context_lens, query_lens):
@@ -65,6 +66,25 @@ def test_matches_attention_over_contiguous_keys(impl, context_lens, query_lens):
     assert out.shape == q.shape and out.dtype == q.dtype
     want = expected(q, contiguous, context_lens, query_lens)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_decode_reads_only_its_context_whatever_the_bounds(dtype):
+    """One decode on the CPU: a block table padded past the context and `max_context_len`
+    a loose bound (as the static path passes) change nothing; the pool's other slots are
+    poisoned."""
+    q, k_cache, v_cache, kwargs, contiguous = build_case([19], [1])
+    owned = kwargs["block_tables"][0].tolist()
+    poison = next(b for b in range(k_cache.shape[0]) if b not in owned)  # holds 1e4
+    kwargs["block_tables"] = torch.cat(
+        [kwargs["block_tables"], torch.full((1, 11), poison, dtype=torch.int32)], dim=1)
+    kwargs["max_context_len"] = 64  # the table covers it: 16 blocks of 4
+    out = paged_attention_sdpa(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), **kwargs)
+    assert out.shape == q.shape and out.dtype == dtype
+    want = expected(q.to(dtype).float(), [(k.to(dtype).float(), v.to(dtype).float())
+                                          for k, v in contiguous], [19], [1])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
 def check_sdpa_in_dtype(device: str, dtype: torch.dtype) -> None:
