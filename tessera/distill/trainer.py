@@ -33,6 +33,7 @@ One optimizer step syncs the device with the host once, deliberately, to log its
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -117,6 +118,17 @@ class Run:
 # --------------------------------------------------------------------------- entry point
 def distill(config: RunConfig, *, echo: Echo = print) -> dict[str, Any]:
     """Run (or resume) the distillation `config` describes; returns the report."""
+    try:
+        return _distill(config, echo)
+    finally:
+        # NOTE: the sharded models hold the process group through reference cycles; freed
+        # here, its worker threads stop while the interpreter is whole. Left to the
+        # interpreter's exit, a gloo rank sometimes aborted there ("terminate called
+        # without an active exception").
+        gc.collect()
+
+
+def _distill(config: RunConfig, echo: Echo) -> dict[str, Any]:
     started = time.perf_counter()
     env = fsdp.init_distributed(config.trainer.device)
     say = echo if env.is_main else (lambda _msg: None)
