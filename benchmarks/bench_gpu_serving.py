@@ -219,17 +219,27 @@ def batch_suite(args: argparse.Namespace) -> list[dict]:
     return [result]
 
 
-def openloop_suite(args: argparse.Namespace) -> list[dict]:
-    preset, n = args.openloop_shape, args.openloop_requests
+def openloop_lengths(num_requests: int) -> tuple[list[int], list[int]]:
+    """Prompt and output lengths of the open-loop workload, uniform in 100..1024."""
     rng = random.Random(0)
-    prompt_lens = [rng.randint(100, 1024) for _ in range(n)]
-    output_lens = [rng.randint(100, 1024) for _ in range(n)]
+    prompt_lens = [rng.randint(100, 1024) for _ in range(num_requests)]
+    return prompt_lens, [rng.randint(100, 1024) for _ in range(num_requests)]
+
+
+def openloop_engine(preset: str, args: argparse.Namespace) -> LLMEngine:
+    """The open-loop suite's engine: 256 sequences, 2,048-token contexts, 70% of the free
+    device memory for the KV cache."""
     model = build(preset)
     free, _ = torch.cuda.mem_get_info()
-    engine = make_engine(model, args, max_num_seqs=256, max_model_len=2048,
-                         max_num_batched_tokens=16384,
-                         kv_cache_memory_bytes=int(free * 0.7))
-    prompts = random_prompts(prompt_lens, model.config.vocab_size, 3)
+    return make_engine(model, args, max_num_seqs=256, max_model_len=2048,
+                       max_num_batched_tokens=16384, kv_cache_memory_bytes=int(free * 0.7))
+
+
+def openloop_suite(args: argparse.Namespace) -> list[dict]:
+    preset = args.openloop_shape
+    prompt_lens, output_lens = openloop_lengths(args.openloop_requests)
+    engine = openloop_engine(preset, args)
+    prompts = random_prompts(prompt_lens, engine.model_config.vocab_size, 3)
     with profiled(args.profile):
         result = run_engine(engine, prompts, output_lens)
     result.update(suite="openloop", shape=preset, weights="bf16",

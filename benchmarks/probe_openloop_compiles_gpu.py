@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
-import random
 import sys
 import time
 from pathlib import Path
@@ -59,21 +58,16 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("probe_openloop_compiles_gpu.py needs a CUDA device")
     functions = jit_functions()
-    rng = random.Random(0)
-    prompt_lens = [rng.randint(100, 1024) for _ in range(args.requests)]
-    output_lens = [rng.randint(100, 1024) for _ in range(args.requests)]
+    prompt_lens, output_lens = serving.openloop_lengths(args.requests)
     start = time.perf_counter()
-    model = serving.build("qwen3-0.6b")
-    free, _ = torch.cuda.mem_get_info()
     engine_args = argparse.Namespace(enforce_eager=False, fuse_projections=True,
                                      async_scheduling=None)
-    engine = serving.make_engine(model, engine_args, max_num_seqs=256, max_model_len=2048,
-                                 max_num_batched_tokens=16384,
-                                 kv_cache_memory_bytes=int(free * 0.7))
+    engine = serving.openloop_engine("qwen3-0.6b", engine_args)
     print(f"engine ready in {time.perf_counter() - start:.1f} s", flush=True)
     before = compiled_variants(functions)
     for run in range(args.runs):
-        prompts = serving.random_prompts(prompt_lens, model.config.vocab_size, 3 + run)
+        prompts = serving.random_prompts(prompt_lens, engine.model_config.vocab_size,
+                                         3 + run)
         result = serving.run_engine(engine, prompts, output_lens)
         after = compiled_variants(functions)
         grown = {name: after[name] - before[name] for name in after

@@ -146,10 +146,10 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model.config.max_seq_len,
                                  model.config.max_seq_len)
         self._check_speculative(model, draft_model)
-        for each in (model, draft_model):
-            if each is not None and config.fuse_projections:
+        for each in (m for m in (model, draft_model) if m is not None):
+            if config.fuse_projections:
                 fuse_projections(each)
-            if each is not None and config.cpu_prepack:
+            if config.cpu_prepack:
                 prepack_linears(each)  # no-op but on CPU
         num_blocks = self._num_kv_blocks(model, draft_model)
         self.block_manager = BlockManager(num_blocks, config.block_size,

@@ -69,6 +69,20 @@ def greedy_token_ids(engine: LLMEngine, prompts: list[list[int]]) -> list[list[i
     return [finished[str(i)].outputs[0].token_ids for i in range(len(prompts))]
 
 
+def greedy_tokens_off_and_on(make_engine, option: str, is_applied
+                             ) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy token ids of a few prompts from engines built with `option` False and True
+    (each on a fresh model); `is_applied(model)` must tell which engine had it."""
+    prompts = [[5, 9, 17, 3], [40, 41, 42, 43, 44, 45, 46], [7]]
+    outputs = []
+    for enabled in (False, True):
+        model = tiny_model(seed=7)
+        engine = make_engine(model, **{option: enabled})
+        assert is_applied(model) is enabled
+        outputs.append(greedy_token_ids(engine, prompts))
+    return outputs[0], outputs[1]
+
+
 class FakeTokenizer:
     """Token id i is the character chr(ord('a') + i % 26); the EOS id is special."""
 

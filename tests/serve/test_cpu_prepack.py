@@ -19,7 +19,7 @@ from tessera.model.fused_projections import fuse_projections
 from tessera.quant import quantize_model
 from tessera.serve.config import EngineConfig
 
-from .helpers import greedy_token_ids, tiny_model
+from .helpers import greedy_tokens_off_and_on, tiny_model
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -92,14 +92,9 @@ def test_nothing_is_packed_without_onednn_or_off_the_cpu(monkeypatch):
 
 
 def test_the_engine_prepacks_by_default_and_gives_the_same_tokens(make_engine):
-    prompts = [[5, 9, 17, 3], [40, 41, 42, 43, 44, 45, 46], [7]]
-    outputs = {}
-    for prepack in (False, True):
-        model = tiny_model(seed=7)
-        engine = make_engine(model, cpu_prepack=prepack)
-        assert isinstance(model.lm_head, PrepackedLinear) is prepack
-        outputs[prepack] = greedy_token_ids(engine, prompts)
-    assert outputs[True] == outputs[False]
+    plain, packed = greedy_tokens_off_and_on(
+        make_engine, "cpu_prepack", lambda model: isinstance(model.lm_head, PrepackedLinear))
+    assert packed == plain
 
 
 def test_cpu_prepack_must_be_a_bool():

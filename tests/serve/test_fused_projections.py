@@ -17,7 +17,7 @@ from tessera.model.fused_projections import (
 from tessera.quant import quantize_model
 from tessera.serve.config import EngineConfig
 
-from .helpers import GREEDY, greedy_token_ids, tiny_model
+from .helpers import GREEDY, greedy_tokens_off_and_on, tiny_model
 
 
 def _logits(model, ids):
@@ -100,15 +100,9 @@ def test_unfusing_restores_linears_and_a_fused_model_still_quantizes():
 
 
 def test_the_engine_fuses_by_default_and_gives_the_same_tokens(make_engine):
-    prompts = [[5, 9, 17, 3], [40, 41, 42, 43, 44, 45, 46], [7]]
-    outputs = {}
-    for fuse in (False, True):
-        model = tiny_model(seed=7)
-        engine = make_engine(model, fuse_projections=fuse)
-        assert is_fused(model) is fuse
-        outputs[fuse] = greedy_token_ids(engine, prompts)
-    assert outputs[True] == outputs[False]
-    assert all(len(tokens) == GREEDY.max_tokens for tokens in outputs[True])
+    unfused, fused = greedy_tokens_off_and_on(make_engine, "fuse_projections", is_fused)
+    assert fused == unfused
+    assert all(len(tokens) == GREEDY.max_tokens for tokens in fused)
 
 
 def test_fuse_projections_must_be_a_bool():
