@@ -6,7 +6,9 @@
   bandwidth ceiling of a memory-bound kernel;
 - `kernel_bench_main(script, args, collect, print_table)`: the scripts' `main`: refuse
   without CUDA, print the device line, collect the rows, print the table, and write the
-  JSON report (device, versions, arguments, rows) to `args.out` when given.
+  JSON report (device, versions, arguments, rows) to `args.out` when given;
+- `graph_ms(launches)`: device ms per launch of callables replayed as one CUDA graph, the
+  way the engine runs decode kernels (`do_bench` times small launches by host overhead).
 """
 
 from __future__ import annotations
@@ -54,3 +56,24 @@ def kernel_bench_main(script: str, args: argparse.Namespace,
                              for k, v in vars(args).items()},
                   "results": rows}
         args.out.write_text(json.dumps(report, indent=2))
+
+
+def graph_ms(launches: list) -> float:
+    """Device ms per launch of `launches` (callables) replayed as one CUDA graph."""
+    for fn in launches:
+        fn()  # compile, autotune, grow the split counters before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in launches:
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(launches))
+    return sorted(times)[len(times) // 2]

@@ -57,6 +57,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--no-fuse-projections", dest="fuse_projections",
                         action="store_false", help="separate q/k/v and gate/up products")
+    parser.add_argument("--no-gemv", dest="gemv_products", action="store_false",
+                        help="decode products by cuBLAS, not the few-row GEMV kernel")
     parser.add_argument("--no-async-scheduling", dest="async_scheduling",
                         action="store_false", help="steps in order: read each step's "
                         "tokens before the next is launched")
@@ -133,6 +135,7 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int
 def make_engine(model: torch.nn.Module, args: argparse.Namespace, **config) -> LLMEngine:
     engine = LLMEngine(model, config=EngineConfig(enforce_eager=args.enforce_eager,
                                                   fuse_projections=args.fuse_projections,
+                                                  gemv_products=args.gemv_products,
                                                   async_scheduling=args.async_scheduling,
                                                   **config))
     run_engine(engine, [[11, 12, 13]] * 2, [4, 4])  # warm-up
@@ -289,7 +292,8 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"torch {torch.__version__}; CUDA graphs {'off' if args.enforce_eager else 'on'}; "
-          f"fused projections {'on' if args.fuse_projections else 'off'}")
+          f"fused projections {'on' if args.fuse_projections else 'off'}; "
+          f"GEMV products {'on' if args.gemv_products else 'off'}")
     rows: list[dict] = []
     if "decode" in args.suites:
         rows += decode_suite(args, bandwidth)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tessera
-from _common import kernel_bench_main  # noqa: E402  (beside this script)
+from _common import graph_ms, kernel_bench_main  # noqa: E402  (beside this script)
 from triton.testing import do_bench  # noqa: E402
 
 from tessera.kernels.paged_decode import choose_num_splits, paged_decode_forward  # noqa: E402
@@ -83,27 +83,6 @@ def make_inputs(args: argparse.Namespace, batch: int, gen: torch.Generator) -> d
 
 
 GRAPH_LAUNCHES, GRAPH_POOL_BYTES = 16, 8 << 30
-
-
-def graph_ms(launches: list) -> float:
-    """Device ms per launch of `launches` (callables) replayed as one CUDA graph."""
-    for fn in launches:
-        fn()  # compile, autotune, grow the split counters before capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in launches:
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(20):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(launches))
-    return sorted(times)[len(times) // 2]
 
 
 def parse_tile(text: str) -> tuple[int, int, int]:

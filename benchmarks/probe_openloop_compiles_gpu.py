@@ -61,7 +61,7 @@ def main() -> None:
     prompt_lens, output_lens = serving.openloop_lengths(args.requests)
     start = time.perf_counter()
     engine_args = argparse.Namespace(enforce_eager=False, fuse_projections=True,
-                                     async_scheduling=None)
+                                     gemv_products=True, async_scheduling=None)
     engine = serving.openloop_engine("qwen3-0.6b", engine_args)
     print(f"engine ready in {time.perf_counter() - start:.1f} s", flush=True)
     before = compiled_variants(functions)

@@ -73,11 +73,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("presets", nargs="*", default=["smollm2-135m"])
     parser.add_argument("--ttft", action="store_true", help="also the time to first token")
+    parser.add_argument("--no-gemv", dest="gemv_products", action="store_false",
+                        help="decode products by cuBLAS, not the few-row GEMV kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode_gpu.py needs a CUDA device")
     engine_args = argparse.Namespace(enforce_eager=False, fuse_projections=True,
-                                     async_scheduling=None)
+                                     gemv_products=args.gemv_products, async_scheduling=None)
     for preset in args.presets:
         model = serving.build(preset)
         engine = serving.make_engine(model, engine_args, max_num_seqs=4, max_model_len=1024)

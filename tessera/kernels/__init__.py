@@ -7,6 +7,7 @@ the Triton implementations (picked automatically on CUDA).
 from tessera.kernels import (  # noqa: F401  (importing registers the ops)
     flash_attention,
     fused_kd_loss,
+    gemv,
     int4_matmul,
     int8_matmul,
     kv_write,

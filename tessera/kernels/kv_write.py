@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from tessera.kernels import registry
-from tessera.kernels._triton import HAS_TRITON, tl, triton
+from tessera.kernels._triton import HAS_TRITON, tl, triton, use_pdl
 
 
 def kv_write_reference(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
@@ -32,7 +32,10 @@ def kv_write_reference(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor
 
 @triton.jit
 def _kv_write_kernel(K, V, KEY_CACHE, VALUE_CACHE, SLOTS, stride_k, stride_v, width,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # a programmatic dependent launch: every input may be the previous output
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + token).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -58,9 +61,11 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
     for name, t in (("k", k), ("v", v)):
         assert t.stride(2) == 1 and t.stride(1) == head_dim, \
             f"{name}: each token's heads must be contiguous, strides {t.stride()}"
+    pdl = use_pdl(k.device)
     _kv_write_kernel[(num_tokens,)](k, v, key_cache, value_cache, slot_mapping,
                                     k.stride(0), v.stride(0), width,
-                                    BLOCK=triton.next_power_of_2(width))
+                                    BLOCK=triton.next_power_of_2(width), USE_PDL=pdl,
+                                    launch_pdl=pdl)
 
 
 registry.register("kv_write", "torch", kv_write_reference, reference=True)

@@ -45,7 +45,7 @@ import math
 import torch
 
 from tessera.kernels import registry
-from tessera.kernels._triton import HAS_TRITON, interpreting, tl, triton
+from tessera.kernels._triton import HAS_TRITON, interpreting, tl, triton, use_pdl
 
 MAX_QUERY_LEN = 8  # longest query per sequence the kernel handles; longer -> reference
 _LOG2E = 1.4426950408889634
@@ -134,7 +134,10 @@ def _paged_decode_kernel(Q, K, V, OUT, O_PART, LSE_PART, COUNTERS, BLOCK_TABLES,
                          num_heads, tokens_per_split, qk_scale, GROUP: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # a programmatic dependent launch: every input may be the previous output
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     kv_h = tl.program_id(1)
     split = tl.program_id(2)
@@ -321,7 +324,7 @@ def paged_decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         o_part = torch.empty(num_rows, num_heads, num_splits, head_dim, dtype=torch.float32,
                              device=q.device)
         counters = split_counters(q.device, num_seqs * num_kv_heads)
-    kernel, launch = _paged_decode_kernel, {}
+    kernel, launch, pdl = _paged_decode_kernel, {}, use_pdl(q.device)
     if tile is not None:
         kernel = _paged_decode_kernel.fn  # the JIT function under the autotuner
         launch = dict(BLOCK_N=tile[0], num_warps=tile[1], num_stages=tile[2])
@@ -331,7 +334,8 @@ def paged_decode_forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         *out.stride()[:2], block_tables.stride(0), num_heads, tokens_per_split,
         _LOG2E / math.sqrt(head_dim), GROUP=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_M=max(16, triton.next_power_of_2(max_query_len * group)), BLOCK_D=block_d,
-        SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch)
+        SPLIT=split, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_PDL=pdl, launch_pdl=pdl, **launch)
     return out
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from tessera.kernels import registry
-from tessera.kernels._triton import HAS_TRITON, tl, triton
+from tessera.kernels._triton import HAS_TRITON, tl, triton, use_pdl
 
 MAX_WIDTH = 65536  # widest row one program holds in registers
 
@@ -43,12 +43,19 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
 
 @triton.jit
 def _rms_norm_fwd_kernel(X, R, W, Y, S, RSTD, stride_x, stride_r, stride_y, stride_s, width,
-                         eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         eps, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """With USE_PDL (a programmatic dependent launch), the weight, which no kernel of a
+    forward writes, loads before waiting for the kernel before this one."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # issued early: overlaps x
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
@@ -132,9 +139,11 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float, *,
         return y, total, rstd
     block, num_warps = _settings(width)
     r = x if residual is None else residual
+    pdl = use_pdl(x.device)
     _rms_norm_fwd_kernel[(num_rows,)](
         x, r, weight, y, total, rstd, x.stride(0), r.stride(0), y.stride(0), total.stride(0),
-        width, eps, HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps)
+        width, eps, HAS_RESIDUAL=residual is not None, USE_PDL=pdl, BLOCK=block,
+        num_warps=num_warps, launch_pdl=pdl)
     return y, total, rstd
 
 

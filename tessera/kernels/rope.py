@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from tessera.kernels import registry
-from tessera.kernels._triton import HAS_TRITON, tl, triton
+from tessera.kernels._triton import HAS_TRITON, tl, triton, use_pdl
 from tessera.model.rope import apply_rope
 
 
@@ -49,7 +49,10 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, T, num_q_heads, num_k_heads,
                  sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sqo_b, sqo_t, sqo_h, sko_b, sko_t, sko_h,
                  sc_b, sc_t, sign,
                  HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr):
+                 BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # a programmatic dependent launch: every input may be the previous output
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0).to(tl.int64)
     b, t = pid // T, pid % T
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -90,13 +93,14 @@ def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     if q.numel() == 0:
         return q_out, k_out
     num_k = k.shape[2]
+    pdl = use_pdl(q.device)
     _rope_kernel[(batch * seq,)](
         q, k, q_out, k_out, cos, sin, seq, num_q, num_k,
         *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
         stride_cb, cos.stride(1), -1.0 if inverse else 1.0,
         HALF=head_dim // 2, BLOCK_HQ=triton.next_power_of_2(num_q),
         BLOCK_HK=triton.next_power_of_2(num_k),
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2))
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2), USE_PDL=pdl, launch_pdl=pdl)
     return q_out, k_out
 
 

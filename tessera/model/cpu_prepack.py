@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tessera.model.fused_projections import SharedInputProjection
+from tessera.model.fused_projections import SharedInputProjection, linear_of
 
 PACK_BATCH_HINT = 16  # the row count oneDNN chooses the packed layout for
 MIN_ROWS = {torch.float32: 2, torch.bfloat16: 1}  # fewer rows: plain F.linear
@@ -98,9 +98,6 @@ def unprepack_linears(model: nn.Module) -> int:
             unpacked += 1
         for name, child in list(parent.named_children()):
             if isinstance(child, PrepackedLinear):
-                linear = nn.Linear(child.in_features, child.out_features,
-                                   bias=child.bias is not None, device="meta")
-                linear.weight, linear.bias = child.weight, child.bias
-                setattr(parent, name, linear)
+                setattr(parent, name, linear_of(child.weight, child.bias))
                 unpacked += 1
     return unpacked

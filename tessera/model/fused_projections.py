@@ -82,6 +82,17 @@ class ProjectionSlice(nn.Module):
                f"member {self.index} of a fused projection"
 
 
+def linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain `nn.Linear` holding these parameters (no copy)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = weight if isinstance(weight, nn.Parameter) else \
+        nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = bias if isinstance(bias, nn.Parameter) else \
+            nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
 def fusable(linears: list[nn.Module]) -> bool:
     if not all(type(m) is nn.Linear for m in linears):
         return False
@@ -113,12 +124,7 @@ def unfuse_group(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> 
     weights = group.weight.split(group.sizes)
     biases = group.bias.split(group.sizes) if group.bias is not None else [None] * len(names)
     for name, weight, bias in zip(names, weights, biases, strict=True):
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                           device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias, requires_grad=False)
-        setattr(parent, name, linear)
+        setattr(parent, name, linear_of(weight, bias))
     for hook in group.hooks:
         hook.remove()
     delattr(parent, fused_name)

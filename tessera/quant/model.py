@@ -54,9 +54,11 @@ def target_linears(model: nn.Module, skip: tuple[str, ...]) -> dict[str, nn.Line
     """Name -> module of every plain `nn.Linear` not matched by a skip pattern."""
     from tessera.model.cpu_prepack import unprepack_linears
     from tessera.model.fused_projections import unfuse_projections
+    from tessera.model.gemv_products import undo_gemv_products
 
-    unprepack_linears(model)  # a model a serving engine has prepacked or fused: plain
-    unfuse_projections(model)  # nn.Linear members back first
+    unprepack_linears(model)  # a model a serving engine has prepacked, given GEMV products
+    undo_gemv_products(model)  # or fused: plain nn.Linear members back first
+    unfuse_projections(model)
     targets = {name: m for name, m in model.named_modules()
                if type(m) is nn.Linear and not any(fnmatch.fnmatch(name, p) for p in skip)}
     protected = sorted(name for name in targets if name in PROTECTED)

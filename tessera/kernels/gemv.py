@@ -1,0 +1,192 @@
+"""Matrix products of a few rows (decode steps), without tensor cores, optionally with the
+SwiGLU activation applied to the input on the fly.
+
+Ops:
+- "gemv": `gemv(x, weight, bias=None) -> x @ weight.T (+ bias)` for x `[..., K]`, weight
+  `[N, K]`, in fp32, fp16 or bf16 (the kernel takes up to `MAX_ROWS` rows).
+- "swiglu_gemv": `swiglu_gemv(gate_up, weight) -> swiglu(gate, up) @ weight.T`, where
+  `gate_up [..., 2F]` holds the gate in its first F columns and up in its last (a fused
+  gate/up projection's output) and weight is `[N, F]`: the MLP's activation and its down
+  projection in one launch.
+
+Torch references: `F.linear`, and the `swiglu` reference followed by `F.linear`.
+
+Triton kernel: each program owns BLOCK_N output channels for every row; it streams
+`[BLOCK_N, BLOCK_K]` weight tiles along their contiguous K, multiplies them elementwise by
+the rows' `[BLOCK_M, BLOCK_K]` inputs in fp32 and reduces over K once, after the loop. With
+the SwiGLU input it loads the gate and up halves and rounds `silu(gate)` and the product to
+the input dtype where the `swiglu` kernel does, so the result equals the two-op path up to
+the order of the fp32 sums. At decode sizes a product is bounded by launch latency more than
+by bytes (SmolLM2's are 0.7-3.5 MB); this kernel's single pass with no epilogue kernel is
+what it is for. Where cuBLAS measured faster (more rows, larger weights: `prefers_gemv`)
+the op runs cuBLAS. There is no backward (inference only).
+
+On Hopper and later it is a programmatic dependent launch: it loads its first weight tile
+before waiting for the kernel before it, so that the load overlaps that kernel's end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tessera.kernels import registry
+from tessera.kernels._triton import HAS_TRITON, interpreting, tl, triton, use_pdl
+from tessera.kernels.swiglu import swiglu_reference
+
+MAX_ROWS = 8  # rows per launch; more rows go to cuBLAS (a GEMM's job)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def gemv_reference(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def swiglu_gemv_reference(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.linear(swiglu_reference(gate, up), weight)
+
+
+# ---------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _gemv_input(x_ptrs, x_mask, K, SWIGLU_INPUT: tl.constexpr):
+    """One `[BLOCK_M, BLOCK_K]` input tile in fp32: X's, or the SwiGLU of its halves."""
+    x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    if SWIGLU_INPUT:
+        up = tl.load(x_ptrs + K, mask=x_mask, other=0.0)
+        gate = x.to(tl.float32)
+        silu = (gate * tl.sigmoid(gate)).to(x.dtype).to(tl.float32)
+        x = (silu * up.to(tl.float32)).to(up.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(X, W, B, OUT, M, N, K, stride_xm, stride_wn, stride_om,
+                 HAS_BIAS: tl.constexpr, SWIGLU_INPUT: tl.constexpr, USE_PDL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[m, n] = sum_k in(X)[m, k] W[n, k] (+ B[n]); in(X) = X, or silu(X[:, :K]) *
+    X[:, K:2K] rounded as the swiglu kernel rounds.
+
+    The weight tile of the next step is loaded before the input of this one. With USE_PDL
+    (a programmatic dependent launch) the first weight tile is loaded before waiting for
+    the kernel before this one, whose output X is: weights are never written by a decode
+    step, so their load overlaps that kernel's tail."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n, mask_m = offs_n < N, offs_m < M
+    w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
+                        SWIGLU_INPUT)
+        w_next = tl.load(w_ptrs + k0 + BLOCK_K,
+                         mask=mask_n[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :],
+                         other=0.0)
+        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+        w = w_next
+    out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        out += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = OUT + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ---------------------------------------------------------------------------- launcher
+
+
+def gemv_tile(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps). Measured on the H200 in CUDA graphs
+    (`benchmarks/bench_gemv.py`, docs/kernels.md): few K steps win, since every step is a
+    dependent load; 4 channels a program; 512 of K a step once N >= 3072 (more programs),
+    1024 below. A small fixed tile under the interpreter."""
+    if interpreting():
+        return 4, 32, 4
+    return 4, 512 if n >= 3072 else 1024, 4
+
+
+def prefers_gemv(rows: int, n: int, k: int) -> bool:
+    """Whether the GEMV beat cuBLAS at this size on the H200 (same measurement): one row
+    against weights of up to 17M elements (Llama-3.2-1B's down projection is 16.8M, its
+    fused gate/up 33.6M lost), and up to 4 rows against up to 1.2M (SmolLM2's qkv, o and
+    down won, its 1.8M gate/up lost)."""
+    return rows == 1 and n * k <= 17 << 20 or rows <= 4 and n * k <= 1_200_000
+
+
+def gemv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 *, swiglu_input: bool = False, out: torch.Tensor | None = None,
+                 tile: tuple[int, int, int] | None = None,
+                 pdl: bool | None = None) -> torch.Tensor:
+    """Launch on 2-D x `[M, K]` (`[M, 2K]` with `swiglu_input`) with unit stride along K;
+    `tile` = (BLOCK_N, BLOCK_K, num_warps) overrides the default; `pdl` (default:
+    `use_pdl`) launches it as a programmatic dependent launch."""
+    assert x.dim() == 2 and weight.dim() == 2, "x and weight must be matrices"
+    m = x.shape[0]
+    n, k = weight.shape
+    width = 2 * k if swiglu_input else k
+    assert 0 < m <= MAX_ROWS, f"x: {m} rows, expected 1..{MAX_ROWS}"
+    assert x.shape[1] == width, f"x: {x.shape[1]} columns, expected {width}"
+    assert x.dtype in FLOAT_DTYPES and weight.dtype == x.dtype, \
+        f"x {x.dtype} and weight {weight.dtype}: expected one of {FLOAT_DTYPES}, the same"
+    assert x.stride(1) == 1 and weight.stride(1) == 1, "x and weight need unit stride on K"
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias: expected (N,)"
+    assert weight.device == x.device, f"weight is on {weight.device}, x on {x.device}"
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.dtype == x.dtype and out.stride(1) == 1, \
+        f"out: {out.dtype} {tuple(out.shape)}, expected {x.dtype} ({m}, {n}) with unit stride"
+    block_n, block_k, num_warps = tile or gemv_tile(n, k)
+    pdl = use_pdl(x.device) if pdl is None else pdl
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0),
+        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        SWIGLU_INPUT=swiglu_input, USE_PDL=pdl, BLOCK_M=max(1, triton.next_power_of_2(m)),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, launch_pdl=pdl)
+    return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor,
+         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The op on x of any leading shape: the kernel where `prefers_gemv`, `F.linear`
+    otherwise and under autograd."""
+    rows = x.numel() // max(1, x.shape[-1])
+    n, k = weight.shape
+    if not 0 < rows <= MAX_ROWS or not prefers_gemv(rows, n, k) or \
+            torch.is_grad_enabled() and weight.requires_grad:
+        return F.linear(x, weight, bias)
+    out = gemv_forward(_rows(x), weight.contiguous(), bias)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The fused op on gate_up of any leading shape: the kernel where `prefers_gemv`, the
+    device's "swiglu" op then `F.linear` otherwise."""
+    rows = gate_up.numel() // max(1, gate_up.shape[-1])
+    n, k = weight.shape
+    if not 0 < rows <= MAX_ROWS or not prefers_gemv(rows, n, k) or \
+            torch.is_grad_enabled() and weight.requires_grad:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(registry.get("swiglu", gate_up.device)(gate, up), weight)
+    out = gemv_forward(_rows(gate_up), weight.contiguous(), swiglu_input=True)
+    return out.reshape(*gate_up.shape[:-1], n)
+
+
+registry.register("gemv", "torch", gemv_reference, reference=True)
+registry.register("swiglu_gemv", "torch", swiglu_gemv_reference, reference=True)
+if HAS_TRITON:
+    registry.register("gemv", "triton", gemv, supports=registry.on_cuda)
+    registry.register("swiglu_gemv", "triton", swiglu_gemv, supports=registry.on_cuda)

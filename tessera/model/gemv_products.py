@@ -1,0 +1,111 @@
+"""Decode-sized products through the few-row GEMV kernel, applied to a loaded model for
+serving on the GPU.
+
+`use_gemv_products(model)` routes the products of every decoder layer through the ops of
+`tessera/kernels/gemv.py`, whose CUDA implementation runs a Triton GEMV for inputs of a few
+rows (a decode step) where it beats cuBLAS and cuBLAS otherwise:
+- each fused projection (`fused_projections.py`) gets the "gemv" op as its product;
+- each plain `nn.Linear` of a layer (o_proj, down_proj, and the unfused q/k/v and gate/up
+  projections) becomes a `GemvLinear` with the same parameters;
+- each MLP whose gate and up are fused and whose down projection is a plain bias-free
+  `nn.Linear` becomes a `SwiGLUDownMLP`: the SwiGLU activation and the down projection in
+  one "swiglu_gemv" launch, reading the fused gate/up product directly.
+
+Parameters, `state_dict` and the module tree's names are unchanged, and results equal the
+plain path's up to the order of fp32 sums. Only modules whose weights sit on a device where
+a fast "gemv" is registered are changed (CUDA), unless `everywhere=True` (tests). The LM
+head is left to cuBLAS. `undo_gemv_products` restores plain modules; the quantizer calls it
+first. Training never sees these modules: the serving engine applies them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tessera.kernels import registry
+from tessera.model.fused_projections import SharedInputProjection, linear_of
+from tessera.model.transformer import MLP
+
+
+def gemv_product(x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight.T + bias` through the "gemv" op of x's device."""
+    return registry.get("gemv", x.device)(x, weight, bias)
+
+
+class GemvLinear(nn.Module):
+    """Stands where an `nn.Linear` stood, with the same weight and bias parameters."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv_product(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, few-row GEMV"
+
+
+class SwiGLUDownMLP(MLP):
+    """The MLP of a fused gate/up projection: `swiglu_gemv(gate_up(x), W_down)`.
+
+    NOTE: installed by reassigning an `MLP` object's class (`use_gemv_products`), so that the
+    object keeps its submodules and the fused projection's state-dict hooks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.gate_up_proj
+        gate_up = group.product(x, group.weight, group.bias)  # [..., 2F]
+        return registry.get("swiglu_gemv", x.device)(gate_up, self.down_proj.weight)
+
+
+def _fast_on(weight: torch.Tensor, everywhere: bool) -> bool:
+    return everywhere or registry.select("gemv", weight.device).backend != "torch"
+
+
+def _fusable_mlp(mlp: nn.Module) -> bool:
+    group, down = getattr(mlp, "gate_up_proj", None), mlp.down_proj
+    return type(mlp) is MLP and isinstance(group, SharedInputProjection) and \
+        group.bias is None and type(down) in (nn.Linear, GemvLinear) and down.bias is None
+
+
+def use_gemv_products(model: nn.Module, *, everywhere: bool = False) -> int:
+    """Route the decoder layers' products through the GEMV ops (see above), in place;
+    returns the number of modules changed."""
+    changed = 0
+    for layer in model.model.layers:
+        for parent in layer.modules():
+            if isinstance(parent, SharedInputProjection) and _fast_on(parent.weight,
+                                                                      everywhere):
+                parent.product = gemv_product
+                changed += 1
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and _fast_on(child.weight, everywhere):
+                    setattr(parent, name, GemvLinear(child))
+                    changed += 1
+        mlp = layer.mlp
+        if _fusable_mlp(mlp) and _fast_on(mlp.down_proj.weight, everywhere):
+            mlp.__class__ = SwiGLUDownMLP
+            changed += 1
+    return changed
+
+
+def undo_gemv_products(model: nn.Module) -> int:
+    """Undo `use_gemv_products`; returns the number of modules restored."""
+    restored = 0
+    for module in list(model.modules()):
+        if type(module) is SwiGLUDownMLP:
+            module.__class__ = MLP
+            restored += 1
+        if isinstance(module, SharedInputProjection) and module.product is gemv_product:
+            module.product = F.linear
+            restored += 1
+        for name, child in list(module.named_children()):
+            if isinstance(child, GemvLinear):
+                setattr(module, name, linear_of(child.weight, child.bias))
+                restored += 1
+    return restored

@@ -1,0 +1,146 @@
+"""Few-row GEMV kernel (plain and with the SwiGLU input) against float64 references.
+
+Interpreter tests run the checks below in the Triton-interpreter child process (see
+conftest.py) at small shapes on CPU; `gpu` tests run them here, compiled, at model sizes,
+with and without the programmatic dependent launch. Outputs are poisoned with NaN before
+each launch, so an element never written fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.kernels import gemv as kernels
+from tessera.kernels import registry
+from tessera.kernels._triton import use_pdl
+from tessera.kernels.swiglu import swiglu_reference
+
+# (rows, N, K): odd N and K that end mid-tile, one row, a power of two, the row limit
+SMALL = [(1, 37, 70), (3, 64, 96), (8, 5, 33)]
+LARGE = [(1, 960, 576), (4, 576, 1536), (3, 3072, 2048), (8, 2047, 8193)]
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Within `TOL[dtype]` of the float64 `expected`, relative to its largest magnitude."""
+    tol = TOL[dtype] * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.double(), expected, atol=tol, rtol=TOL[dtype])
+
+
+def make_operands(rows, n, k, dtype, device, width=None):
+    x = torch.randn(rows, width or k, device=device).to(dtype)
+    weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    return x, weight
+
+
+def check_gemv(rows, n, k, dtype, device, with_bias, pdl=False):
+    x, weight = make_operands(rows, n, k, dtype, device)
+    bias = torch.randn(n, device=device).to(dtype) if with_bias else None
+    expected = x.double() @ weight.double().T
+    if bias is not None:
+        expected += bias.double()
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device=device)
+    assert kernels.gemv_forward(x, weight, bias, out=out, pdl=pdl) is out
+    assert_close(out, expected, dtype)
+
+
+def check_swiglu_gemv(rows, n, k, dtype, device, pdl=False):
+    """The activation rounded to dtype as the `swiglu` kernel rounds it, then the product."""
+    gate_up, weight = make_operands(rows, n, k, dtype, device, width=2 * k)
+    gate_up = 3 * gate_up
+    activation = swiglu_reference(*gate_up.chunk(2, dim=-1))  # in dtype, like the kernel
+    expected = activation.double() @ weight.double().T
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device=device)
+    kernels.gemv_forward(gate_up, weight, swiglu_input=True, out=out, pdl=pdl)
+    assert_close(out, expected, dtype)
+
+
+def check_ops_on_views(dtype, device):
+    """The ops on leading dims and on row-strided views (the columns of a wider tensor)."""
+    wide = torch.randn(2, 3, 50, device=device).to(dtype)
+    x = wide[..., :40]  # [2, 3, 40], rows 50 apart
+    weight = torch.randn(7, 40, device=device).to(dtype)
+    out = kernels.gemv(x, weight)
+    assert out.shape == (2, 3, 7)
+    assert_close(out, x.double() @ weight.double().T, dtype)
+    gate_up = torch.randn(1, 2, 2 * 24, device=device).to(dtype)
+    down = torch.randn(9, 24, device=device).to(dtype)
+    out = kernels.swiglu_gemv(gate_up, down)
+    expected = swiglu_reference(*gate_up.chunk(2, dim=-1)).double() @ down.double().T
+    assert out.shape == (1, 2, 9)
+    assert_close(out, expected, dtype)
+
+
+# ---------------------------------------------------------------------------- interpreter
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, n, k", SMALL)
+def test_gemv_interpreted(interpreter, rows, n, k, dtype, with_bias):
+    interpreter.run(check_gemv, rows, n, k, dtype, "cpu", with_bias)
+
+
+@pytest.mark.parametrize("rows, n, k", SMALL)
+def test_swiglu_gemv_interpreted(interpreter, rows, n, k):
+    interpreter.run(check_swiglu_gemv, rows, n, k, torch.float32, "cpu")
+
+
+def test_ops_on_views_interpreted(interpreter):
+    interpreter.run(check_ops_on_views, torch.float32, "cpu")
+
+
+def test_launcher_refuses_what_it_cannot_do():
+    x, weight = torch.randn(9, 16), torch.randn(4, 16)
+    with pytest.raises(AssertionError, match="rows"):
+        kernels.gemv_forward(x, weight)  # more than MAX_ROWS rows
+    with pytest.raises(AssertionError, match="columns"):
+        kernels.gemv_forward(x[:2], weight, swiglu_input=True)  # needs [M, 2K]
+    with pytest.raises(AssertionError, match="dtype|float"):
+        kernels.gemv_forward(x[:2], weight.double())
+
+
+def test_more_rows_larger_weights_and_autograd_take_the_plain_product():
+    """Past MAX_ROWS, where cuBLAS measured faster, or with a weight that wants gradients,
+    the op is `F.linear` (no launch: these run on CPU tensors, which the kernel would refuse
+    outside the interpreter)."""
+    x = torch.randn(kernels.MAX_ROWS + 1, 16)
+    weight = torch.randn(4, 16, requires_grad=True)
+    torch.testing.assert_close(kernels.gemv(x, weight.detach()), x @ weight.detach().T)
+    out = kernels.gemv(x[:2], weight)
+    out.sum().backward()
+    torch.testing.assert_close(weight.grad, x[:2].sum(0).expand(4, 16))
+    gate_up = torch.randn(kernels.MAX_ROWS + 1, 32)
+    torch.testing.assert_close(kernels.swiglu_gemv(gate_up, weight.detach()),
+                               kernels.swiglu_gemv_reference(gate_up, weight.detach()))
+    big = torch.randn(2000, 700)  # 1.4M elements: cuBLAS from 2 rows on
+    assert kernels.prefers_gemv(1, *big.shape) and not kernels.prefers_gemv(2, *big.shape)
+    torch.testing.assert_close(kernels.gemv(x[:2, :1].expand(2, 700), big),
+                               x[:2, :1].expand(2, 700) @ big.T)
+
+
+def test_registry_picks_triton_on_cuda_only():
+    pytest.importorskip("triton")
+    for name in ("gemv", "swiglu_gemv"):
+        assert registry.select(name, "cuda").backend == "triton"
+        assert registry.select(name, "cpu").backend == "torch"
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows, n, k", LARGE)
+def test_gemv_gpu(rows, n, k, dtype, pdl):
+    if pdl and not use_pdl(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    check_gemv(rows, n, k, dtype, "cuda", with_bias=rows == 3, pdl=pdl)
+    check_swiglu_gemv(rows, n, k, dtype, "cuda", pdl=pdl)
+
+
+@pytest.mark.gpu
+def test_ops_on_views_gpu():
+    check_ops_on_views(torch.bfloat16, "cuda")
