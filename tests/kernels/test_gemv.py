@@ -144,3 +144,10 @@ def test_gemv_gpu(rows, n, k, dtype, pdl):
 @pytest.mark.gpu
 def test_ops_on_views_gpu():
     check_ops_on_views(torch.bfloat16, "cuda")
+
+
+def test_programmatic_dependent_launch_only_on_compiled_cuda(monkeypatch):
+    monkeypatch.delenv("TESSERA_PDL", raising=False)
+    assert not use_pdl(torch.device("cpu"))
+    monkeypatch.setenv("TESSERA_PDL", "0")
+    assert not use_pdl(torch.device("cuda"))  # off before asking the device anything
