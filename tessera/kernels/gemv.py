@@ -36,6 +36,7 @@ from tessera.kernels.swiglu import swiglu_reference
 
 MAX_ROWS = 8  # rows per launch; more rows go to cuBLAS (a GEMM's job)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # weights dequantised by a scale
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor,
@@ -64,11 +65,27 @@ def _gemv_input(x_ptrs, x_mask, K, SWIGLU_INPUT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, OUT, M, N, K, stride_xm, stride_wn, stride_om,
-                 HAS_BIAS: tl.constexpr, SWIGLU_INPUT: tl.constexpr, USE_PDL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """OUT[m, n] = sum_k in(X)[m, k] W[n, k] (+ B[n]); in(X) = X, or silu(X[:, :K]) *
-    X[:, K:2K] rounded as the swiglu kernel rounds.
+def _row_scales(x_ptrs, mask_m, K, SWIGLU_INPUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """Each row's dynamic e4m3 scale `max|x_row| / 448` (floored), over all of K."""
+    offs_k = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
+                        SWIGLU_INPUT)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    return tl.maximum(amax, 1e-12) / 448.0
+
+
+@triton.jit
+def _gemv_kernel(X, W, S, B, OUT, M, N, K, stride_xm, stride_wn, stride_om,
+                 HAS_BIAS: tl.constexpr, SWIGLU_INPUT: tl.constexpr, SCALE: tl.constexpr,
+                 QUANTIZE_X: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[m, n] = sum_k in(X)[m, k] W[n, k] * s_n (+ B[n]); in(X) = X, or silu(X[:, :K]) *
+    X[:, K:2K] rounded as the swiglu kernel rounds; s_n = 1 (SCALE 0), S[n] (SCALE 1, per
+    output channel) or S[0] (SCALE 2, per tensor). With QUANTIZE_X each row of in(X) is
+    first rounded to e4m3 with its own scale, as `quantize_rows` does (W8A8).
 
     The weight tile of the next step is loaded before the input of this one. With USE_PDL
     (a programmatic dependent launch) the first weight tile is loaded before waiting for
@@ -85,16 +102,27 @@ def _gemv_kernel(X, W, B, OUT, M, N, K, stride_xm, stride_wn, stride_om,
     w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+    if QUANTIZE_X:
+        x_scale = _row_scales(x_ptrs, mask_m, K, SWIGLU_INPUT, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
                         SWIGLU_INPUT)
+        if QUANTIZE_X:
+            x = tl.clamp(x / x_scale[:, None], -448.0, 448.0)
+            x = x.to(tl.float8e4nv).to(tl.float32)
         w_next = tl.load(w_ptrs + k0 + BLOCK_K,
                          mask=mask_n[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :],
                          other=0.0)
         acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
         w = w_next
     out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    if QUANTIZE_X:
+        out = out * x_scale[:, None]
+    if SCALE == 1:
+        out = out * tl.load(S + offs_n, mask=mask_n, other=0.0)[None, :]
+    if SCALE == 2:
+        out = out * tl.load(S)
     if HAS_BIAS:
         out += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = OUT + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -122,21 +150,40 @@ def prefers_gemv(rows: int, n: int, k: int) -> bool:
     return rows == 1 and n * k <= 17 << 20 or rows <= 4 and n * k <= 1_200_000
 
 
+def _check_weight(x: torch.Tensor, weight: torch.Tensor,
+                  weight_scale: torch.Tensor | None) -> int:
+    """The kernel's SCALE mode for this weight: 0 (float, x's dtype), 1 (codes with a scale
+    per output channel), 2 (codes with one scale)."""
+    n = weight.shape[0]
+    if weight_scale is None:
+        assert weight.dtype == x.dtype, f"weight {weight.dtype}: expected x's {x.dtype}"
+        return 0
+    assert weight.dtype in CODE_DTYPES, f"weight {weight.dtype}: codes are {CODE_DTYPES}"
+    assert weight_scale.dtype == torch.float32 and weight_scale.is_contiguous() and \
+        weight_scale.numel() in (1, n), f"weight_scale: fp32 of {n} or 1 elements"
+    return 1 if weight_scale.numel() == n and n > 1 else 2
+
+
 def gemv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 *, swiglu_input: bool = False, out: torch.Tensor | None = None,
+                 *, weight_scale: torch.Tensor | None = None, quantize_input: bool = False,
+                 swiglu_input: bool = False, out: torch.Tensor | None = None,
                  tile: tuple[int, int, int] | None = None,
                  pdl: bool | None = None) -> torch.Tensor:
-    """Launch on 2-D x `[M, K]` (`[M, 2K]` with `swiglu_input`) with unit stride along K;
-    `tile` = (BLOCK_N, BLOCK_K, num_warps) overrides the default; `pdl` (default:
-    `use_pdl`) launches it as a programmatic dependent launch."""
+    """Launch on 2-D x `[M, K]` (`[M, 2K]` with `swiglu_input`) with unit stride along K.
+
+    weight: x's dtype, or int8 / float8_e4m3fn codes with `weight_scale` (fp32, per output
+    channel `[N]` or per tensor `[1]`); `quantize_input` rounds each input row to e4m3
+    with a dynamic scale first (FP8 W8A8). `tile` = (BLOCK_N, BLOCK_K, num_warps) overrides
+    the default; `pdl` (default: `use_pdl`) launches it as a programmatic dependent
+    launch."""
     assert x.dim() == 2 and weight.dim() == 2, "x and weight must be matrices"
     m = x.shape[0]
     n, k = weight.shape
     width = 2 * k if swiglu_input else k
     assert 0 < m <= MAX_ROWS, f"x: {m} rows, expected 1..{MAX_ROWS}"
     assert x.shape[1] == width, f"x: {x.shape[1]} columns, expected {width}"
-    assert x.dtype in FLOAT_DTYPES and weight.dtype == x.dtype, \
-        f"x {x.dtype} and weight {weight.dtype}: expected one of {FLOAT_DTYPES}, the same"
+    assert x.dtype in FLOAT_DTYPES, f"x {x.dtype}: expected one of {FLOAT_DTYPES}"
+    scale_mode = _check_weight(x, weight, weight_scale)
     assert x.stride(1) == 1 and weight.stride(1) == 1, "x and weight need unit stride on K"
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias: expected (N,)"
     assert weight.device == x.device, f"weight is on {weight.device}, x on {x.device}"
@@ -147,10 +194,12 @@ def gemv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     block_n, block_k, num_warps = tile or gemv_tile(n, k)
     pdl = use_pdl(x.device) if pdl is None else pdl
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0),
-        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        SWIGLU_INPUT=swiglu_input, USE_PDL=pdl, BLOCK_M=max(1, triton.next_power_of_2(m)),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, launch_pdl=pdl)
+        x, weight, weight_scale if weight_scale is not None else out,
+        bias if bias is not None else out, out, m, n, k, x.stride(0), weight.stride(0),
+        out.stride(0), HAS_BIAS=bias is not None, SWIGLU_INPUT=swiglu_input,
+        SCALE=scale_mode, QUANTIZE_X=quantize_input, USE_PDL=pdl,
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, launch_pdl=pdl)
     return out
 
 

@@ -8,16 +8,16 @@ Torch reference: dequantise the whole weight into x's dtype, then one matmul.
 
 Triton kernel: streams int8 weight tiles and dequantises each one inside the K loop (the
 conversion to x's dtype is exact, |q| <= 127), accumulates in fp32 and multiplies by the
-per-channel scale once after the loop, since the scale is constant along K. Two regimes:
+per-channel scale once after the loop, since the scale is constant along K. Three regimes:
 
-- one row, M = 1 (single-stream decode): a GEMV without tensor cores. Each program owns
-  BLOCK_N output channels and one K range (split-K as below), loads `[BLOCK_N, BLOCK_K]`
-  weight tiles along their contiguous K, multiplies by x elementwise in fp32 and reduces
-  over K once, after the loop. A `tl.dot` would pad the one row to 16.
-- decode-shaped, 1 < M <= 16: BLOCK_M = 16 and split-K. Each output tile's K range is divided
-  among SPLIT_K programs so that a handful of rows still occupies every SM; the programs
-  write fp32 partial sums into a workspace `[SPLIT_K, M, N]` that a second small kernel adds
-  up in a fixed order (deterministic, no atomics) and casts.
+- one row (single-stream decode), and up to 4 rows against small weights: the few-row
+  GEMV of `gemv.py` (no tensor cores; the weight's int8 codes loaded in large K steps,
+  scaled after the reduction; a programmatic dependent launch on Hopper).
+- other decode-shaped calls, M <= 16 (and any call given `split_k`): BLOCK_M = 16 and
+  split-K. Each output tile's K range is divided among SPLIT_K programs so that a handful
+  of rows still occupies every SM; the programs write fp32 partial sums into a workspace
+  `[SPLIT_K, M, N]` that a second small kernel adds up in a fixed order (deterministic, no
+  atomics) and casts.
 - prefill-shaped, M > 16: a tiled GEMM with grouped tile order for L2 reuse.
 
 Tile sizes are autotuned per (M bucket, N, K, dtypes); under Triton's CPU interpreter one
@@ -33,12 +33,12 @@ import torch
 
 from tessera.kernels import registry
 from tessera.kernels._triton import HAS_TRITON, interpreting, tl, triton
+from tessera.kernels.gemv import gemv_forward, prefers_gemv
 
 SKINNY_MAX_M = 16  # rows handled by the split-K decode path
-GEMV_BLOCK_N = 8  # output channels per program of the one-row path
+GEMV_MAX_ROWS = 4  # rows that may take the few-row GEMV (gemv.py)
 MAX_SPLIT_K = 16
 MIN_K_PER_SPLIT = 512
-MIN_K_PER_GEMV_SPLIT = 2048
 GROUP_M = 8
 _REDUCE_BLOCK = 1024
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,11 +71,6 @@ _SKINNY_CONFIGS = autotune_configs(
     [({"BLOCK_K": 64}, 4, 4), ({"BLOCK_K": 128}, 4, 3), ({"BLOCK_K": 128}, 4, 4),
      ({"BLOCK_K": 128}, 2, 4), ({"BLOCK_K": 256}, 4, 3), ({"BLOCK_K": 256}, 8, 3)],
     interpreted={"BLOCK_K": 32})
-# One row: a fixed tile. A sweep on the H200 over BLOCK_N 8-64, BLOCK_K 128-512, split-K
-# 1-16, 4 or 8 warps and 1 or 2 stages (docs/kernels.md) put BLOCK_N 8, BLOCK_K 128,
-# 8 warps, 1 stage first or within 10% on nine of ten decode shapes; what varies is the
-# split, which the launcher sets.
-_GEMV_CONFIGS = autotune_configs([({"BLOCK_K": 128}, 8, 1)], interpreted={"BLOCK_K": 32})
 _LARGE_CONFIGS = autotune_configs(
     [({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, w, s) for m, n, k, w, s in
      [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
@@ -131,30 +126,6 @@ def _int8_matmul_kernel(X, W, S, OUT, M, N, K, M_BUCKET, stride_xm, stride_wn, s
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _int8_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_osplit, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """OUT[split, n] = (X[ks] . W[n, ks]) * S[n] for this program's channels and K range."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(1)
-    mask_n = offs_n < N
-    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
-    tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_first = split * tiles_per_split * BLOCK_K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for i in range(0, tiles_per_split):
-        offs_k = k_first + i * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(X + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
-        acc += w.to(tl.float32) * x[None, :]
-    scale = tl.load(S + offs_n, mask=mask_n, other=0.0)
-    out = tl.sum(acc, axis=1) * scale
-    tl.store(OUT + split.to(tl.int64) * stride_osplit + offs_n,
-             out.to(OUT.dtype.element_ty), mask=mask_n)
-
-
-_gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])(_int8_gemv_kernel)
 _skinny_kernel = triton.autotune(configs=_SKINNY_CONFIGS, key=_TUNE_KEY)(_int8_matmul_kernel)
 _large_kernel = triton.autotune(configs=_LARGE_CONFIGS, key=_TUNE_KEY)(_int8_matmul_kernel)
 
@@ -221,7 +192,8 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 def int8_matmul_forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,
                         out: torch.Tensor | None = None,
                         split_k: int | None = None) -> torch.Tensor:
-    """Launch on 2-D contiguous x `[M, K]`; `split_k` overrides the decode path's choice."""
+    """Launch on 2-D contiguous x `[M, K]`; `split_k` takes the split-K decode path with
+    that many splits."""
     assert x.dim() == 2 and weight.dim() == 2, "x and weight must be matrices"
     m, k = x.shape
     n = weight.shape[0]
@@ -229,8 +201,8 @@ def int8_matmul_forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     _check_operands(x, weight, scale, out)
     if m == 0 or n == 0:
         return out
-    if m == 1:
-        _launch_gemv(x, weight, scale, out, split_k)
+    if split_k is None and m <= GEMV_MAX_ROWS and (m == 1 or prefers_gemv(m, n, k)):
+        gemv_forward(x, weight, weight_scale=scale, out=out)
     elif m <= SKINNY_MAX_M:
         _launch_skinny(x, weight, scale, out, split_k)
     else:
@@ -249,28 +221,6 @@ def _launch_skinny(x, weight, scale, out, split_k: int | None) -> None:
     _skinny_kernel[grid](x, weight, scale, target, m, n, k, m_bucket(m), x.stride(0),
                          weight.stride(0), n, m * n, BLOCK_M=SKINNY_MAX_M, BLOCK_N=block_n,
                          SPLIT_K=split_k, GROUP=1)
-    if split_k > 1:
-        sum_splits(target, out)
-
-
-def gemv_tiling(n: int, k: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_N, SPLIT_K) for one row: 8 channels a program, and K split only while there
-    are fewer than about eight programs per SM, each split covering >= 2048 of K."""
-    tiles = -(-n // GEMV_BLOCK_N)
-    split_k = min(MAX_SPLIT_K, (8 * num_sms(device)) // tiles, k // MIN_K_PER_GEMV_SPLIT)
-    return GEMV_BLOCK_N, max(1, split_k)
-
-
-def _launch_gemv(x, weight, scale, out, split_k: int | None) -> None:
-    k, n = x.shape[1], weight.shape[0]
-    block_n, chosen = gemv_tiling(n, k, x.device)
-    split_k = chosen if split_k is None else split_k
-    assert split_k >= 1, f"split_k must be >= 1, got {split_k}"
-    target = out if split_k == 1 else torch.empty((split_k, 1, n), dtype=torch.float32,
-                                                  device=x.device)
-    _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, weight, scale, target, n, k, weight.stride(0), n, BLOCK_N=block_n,
-        SPLIT_K=split_k)
     if split_k > 1:
         sum_splits(target, out)
 

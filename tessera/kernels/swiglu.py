@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.kernels import registry
-from tessera.kernels._triton import HAS_TRITON, tl, triton
+from tessera.kernels._triton import HAS_TRITON, tl, triton, use_pdl
 
 _BLOCK = 1024  # elements per program
 
@@ -31,7 +31,11 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _swiglu_fwd_kernel(G, U, Y, numel, width, stride_g, stride_u, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(G, U, Y, numel, width, stride_g, stride_u, BLOCK: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    if USE_PDL:  # a programmatic dependent launch: every input may be the previous output
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     row, col = offs // width, offs % width
@@ -100,8 +104,10 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, *,
     _check_contiguous("out", y, gate)
     numel = gate.numel()
     if numel:
+        pdl = use_pdl(gate.device)
         _swiglu_fwd_kernel[(triton.cdiv(numel, _BLOCK),)](
-            gate, up, y, numel, gate.shape[-1], stride_g, stride_u, BLOCK=_BLOCK)
+            gate, up, y, numel, gate.shape[-1], stride_g, stride_u, BLOCK=_BLOCK,
+            USE_PDL=pdl, launch_pdl=pdl)
     return y
 
 

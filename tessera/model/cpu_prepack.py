@@ -78,7 +78,7 @@ def prepack_linears(model: nn.Module) -> int:
     how many were packed."""
     packed = 0
     for parent in list(model.modules()):
-        if isinstance(parent, SharedInputProjection) and parent.product is F.linear \
+        if type(parent) is SharedInputProjection and parent.product is F.linear \
                 and can_prepack(parent.weight):
             parent.product = PackedProduct(parent.weight)
             packed += 1
@@ -93,7 +93,7 @@ def unprepack_linears(model: nn.Module) -> int:
     """Undo `prepack_linears`; returns how many were unpacked."""
     unpacked = 0
     for parent in list(model.modules()):
-        if isinstance(parent, SharedInputProjection) and parent.product is not F.linear:
+        if type(parent) is SharedInputProjection and parent.product is not F.linear:
             parent.product = F.linear
             unpacked += 1
         for name, child in list(parent.named_children()):

@@ -12,14 +12,17 @@ last slice's call releases the kept product. At decode batch sizes a product is 
 matrix-vector pass bounded by launch latency more than by bytes, so three launches become
 one.
 
-Only plain `nn.Linear` groups of one dtype and device are fused (quantized layers keep
-their own kernels); biases are fused when every member has one (a group where only some
-have one is left alone). The fused weight is a new parameter under the layer (`self_attn.qkv_proj`,
-`mlp.gate_up_proj`), but `state_dict()` still lists the members' own names and
+Plain `nn.Linear` groups of one dtype and device are fused, and so are groups of quantized
+layers (`tessera.quant`) of one kind and options whose stored tensors all have a row per
+output channel (int8, AWQ int4 without an input scale, FP8 with per-channel scales): their
+tensors are concatenated into one module of that kind (`SharedInputQuantized`). Biases are
+fused when every member has one (a group where only some have one is left alone). The
+fused tensors live under the layer (`self_attn.qkv_proj`, `mlp.gate_up_proj`), but
+`state_dict()` still lists the members' own names and
 `load_state_dict` takes them (state-dict hooks split and join the fused tensors), so a
 fused model saves, and loads checkpoints, like an unfused one. `unfuse_projections(model)`
-puts `nn.Linear` members back (their weights views of the fused ones, no copy); the
-quantizer calls it first, so a model an engine has fused can still be quantized.
+puts the members back (their tensors views of the fused ones, no copy); the quantizer
+calls it first, so a model an engine has fused can still be quantized.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tessera.quant.linear import QuantizedLinear
+
 ATTENTION_GROUP = ("q_proj", "k_proj", "v_proj")
 MLP_GROUP = ("gate_proj", "up_proj")
 
@@ -38,31 +43,78 @@ class SharedInputProjection(nn.Module):
     """`[W_1; ...; W_n]` applied once per input; member i reads output columns
     `starts[i] : starts[i] + sizes[i]`."""
 
-    def __init__(self, linears: list[nn.Linear]):
+    SUFFIXES = ("weight", "bias")  # state-dict entries split among the members
+
+    def __init__(self, linears: list[nn.Module]):
         super().__init__()
+        self.sizes = [m.out_features for m in linears]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self._input: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
+        self.hooks: list = []  # the parent's state-dict hooks, removed on unfusing
+        self._join(linears)
+
+    def _join(self, linears: list[nn.Linear]) -> None:
         with torch.no_grad():
             self.weight = nn.Parameter(torch.cat([m.weight for m in linears]),
                                        requires_grad=False)
             biases = [m.bias for m in linears]
             self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) \
                 if all(b is not None for b in biases) else None
-        self.sizes = [m.out_features for m in linears]
-        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-        self._input: torch.Tensor | None = None
-        self._output: torch.Tensor | None = None
-        self.hooks: list = []  # the parent's state-dict hooks, removed on unfusing
         # (x, weight, bias) -> x @ weight^T + bias; serving may swap in a faster one
-        # (`cpu_prepack.py`)
+        # (`cpu_prepack.py`, `gemv_products.py`)
         self.product = F.linear
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, self.weight, self.bias)
+
+    def split(self) -> list[nn.Module]:
+        """The members again (their weights views of the fused ones, no copy)."""
+        weights = self.weight.split(self.sizes)
+        biases = self.bias.split(self.sizes) if self.bias is not None else \
+            [None] * len(self.sizes)
+        return [linear_of(w, b) for w, b in zip(weights, biases, strict=True)]
 
     def member(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if self._input is not x:
-            self._input, self._output = x, self.product(x, self.weight, self.bias)
+            self._input, self._output = x, self.compute(x)
         start = self.starts[index]
         out = self._output[..., start:start + self.sizes[index]]
         if index == len(self.sizes) - 1:
             self._input = self._output = None
         return out
+
+
+class SharedInputQuantized(SharedInputProjection):
+    """The same for quantized members of one kind and options (`tessera.quant`): their
+    stored tensors, each with a row per output channel, concatenated into one module of
+    that kind, which computes the product."""
+
+    def _join(self, members: list[QuantizedLinear]) -> None:
+        first = members[0]
+        names = (*first.STORAGE, "bias") if first.bias is not None else first.STORAGE
+        self.SUFFIXES = names
+        fused = type(first).empty(first.in_features, sum(self.sizes),
+                                  bias=first.bias is not None, input_scale=False,
+                                  **first.options())
+        for name in names:
+            setattr(fused, name, torch.cat([getattr(m, name) for m in members]))
+        self.fused = fused
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)
+
+    def split(self) -> list[nn.Module]:
+        kind, sizes = type(self.fused), self.sizes
+        parts = {name: getattr(self.fused, name).split(sizes) for name in self.SUFFIXES}
+        members = []
+        for i, size in enumerate(sizes):
+            member = kind.empty(self.fused.in_features, size, bias="bias" in parts,
+                                input_scale=False, **self.fused.options())
+            for name in self.SUFFIXES:
+                setattr(member, name, parts[name][i])
+            members.append(member)
+        return members
 
 
 class ProjectionSlice(nn.Module):
@@ -94,11 +146,27 @@ def linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def fusable(linears: list[nn.Module]) -> bool:
+    """Plain `nn.Linear`s of one dtype and device, or quantized ones (see below)."""
+    if all(isinstance(m, QuantizedLinear) for m in linears):
+        return quantized_fusable(linears)
     if not all(type(m) is nn.Linear for m in linears):
         return False
     first = linears[0].weight
     return all(m.weight.dtype == first.dtype and m.weight.device == first.device and
                m.in_features == linears[0].in_features for m in linears)
+
+
+def quantized_fusable(members: list[nn.Module]) -> bool:
+    """One kind and options, no input scale, and every stored tensor with a row per output
+    channel (so that they concatenate; a per-tensor FP8 scale does not)."""
+    first = members[0]
+    if any(type(m) is not type(first) or m.options() != first.options() or
+           m.in_features != first.in_features or m.input_scale is not None
+           for m in members):
+        return False
+    device = getattr(first, first.STORAGE[0]).device
+    return all(getattr(m, name).shape[0] == m.out_features and
+               getattr(m, name).device == device for m in members for name in m.STORAGE)
 
 
 def fuse_group(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> bool:
@@ -107,13 +175,19 @@ def fuse_group(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> bo
         return False
     if len({m.bias is None for m in linears}) > 1:
         return False  # some members have a bias and some not: left as they are
-    group = SharedInputProjection(linears)
+    kind = SharedInputQuantized if isinstance(linears[0], QuantizedLinear) else \
+        SharedInputProjection
+    group = kind(linears)
+    group.member_names = names
     parent.add_module(fused_name, group)
     for index, name in enumerate(names):
         setattr(parent, name, ProjectionSlice(group, index, linears[index].in_features))
+    state_name = f"{fused_name}.fused" if kind is SharedInputQuantized else fused_name
     group.hooks = [
-        parent.register_state_dict_post_hook(partial(_split_state, fused_name, names)),
-        parent.register_load_state_dict_pre_hook(partial(_join_state, fused_name, names))]
+        parent.register_state_dict_post_hook(
+            partial(_split_state, state_name, names, group.SUFFIXES, group.sizes)),
+        parent.register_load_state_dict_pre_hook(
+            partial(_join_state, state_name, names, group.SUFFIXES))]
     return True
 
 
@@ -121,10 +195,8 @@ def unfuse_group(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> 
     group = getattr(parent, fused_name, None)
     if not isinstance(group, SharedInputProjection):
         return False
-    weights = group.weight.split(group.sizes)
-    biases = group.bias.split(group.sizes) if group.bias is not None else [None] * len(names)
-    for name, weight, bias in zip(names, weights, biases, strict=True):
-        setattr(parent, name, linear_of(weight, bias))
+    for name, member in zip(names, group.split(), strict=True):
+        setattr(parent, name, member)
     for hook in group.hooks:
         hook.remove()
     delattr(parent, fused_name)
@@ -136,25 +208,25 @@ def unfuse_projections(model: nn.Module) -> int:
     return _each_group(model, unfuse_group)
 
 
-def _split_state(fused_name: str, names: tuple[str, ...], module: nn.Module,
-                 state_dict: dict, prefix: str, _metadata) -> None:
+def _split_state(state_name: str, names: tuple[str, ...], suffixes: tuple[str, ...],
+                 sizes: list[int], _module: nn.Module, state_dict: dict, prefix: str,
+                 _metadata) -> None:
     """state_dict post-hook: the fused tensors back under the members' names (copies, so
     nothing in the dict shares storage)."""
-    sizes = getattr(module, fused_name).sizes
-    for suffix in ("weight", "bias"):
-        whole = state_dict.pop(f"{prefix}{fused_name}.{suffix}", None)
+    for suffix in suffixes:
+        whole = state_dict.pop(f"{prefix}{state_name}.{suffix}", None)
         if whole is not None:
             for name, part in zip(names, whole.split(sizes), strict=True):
                 state_dict[f"{prefix}{name}.{suffix}"] = part.clone()
 
 
-def _join_state(fused_name: str, names: tuple[str, ...], _module: nn.Module,
-                state_dict: dict, prefix: str, *_rest) -> None:
+def _join_state(state_name: str, names: tuple[str, ...], suffixes: tuple[str, ...],
+                _module: nn.Module, state_dict: dict, prefix: str, *_rest) -> None:
     """load_state_dict pre-hook: members' tensors joined under the fused name."""
-    for suffix in ("weight", "bias"):
+    for suffix in suffixes:
         keys = [f"{prefix}{name}.{suffix}" for name in names]
         if all(key in state_dict for key in keys):
-            state_dict[f"{prefix}{fused_name}.{suffix}"] = torch.cat(
+            state_dict[f"{prefix}{state_name}.{suffix}"] = torch.cat(
                 [state_dict.pop(key) for key in keys])
 
 

@@ -69,7 +69,7 @@ def _fast_on(weight: torch.Tensor, everywhere: bool) -> bool:
 
 def _fusable_mlp(mlp: nn.Module) -> bool:
     group, down = getattr(mlp, "gate_up_proj", None), mlp.down_proj
-    return type(mlp) is MLP and isinstance(group, SharedInputProjection) and \
+    return type(mlp) is MLP and type(group) is SharedInputProjection and \
         group.bias is None and type(down) in (nn.Linear, GemvLinear) and down.bias is None
 
 
@@ -79,7 +79,7 @@ def use_gemv_products(model: nn.Module, *, everywhere: bool = False) -> int:
     changed = 0
     for layer in model.model.layers:
         for parent in layer.modules():
-            if isinstance(parent, SharedInputProjection) and _fast_on(parent.weight,
+            if type(parent) is SharedInputProjection and _fast_on(parent.weight,
                                                                       everywhere):
                 parent.product = gemv_product
                 changed += 1
@@ -101,7 +101,7 @@ def undo_gemv_products(model: nn.Module) -> int:
         if type(module) is SwiGLUDownMLP:
             module.__class__ = MLP
             restored += 1
-        if isinstance(module, SharedInputProjection) and module.product is gemv_product:
+        if type(module) is SharedInputProjection and module.product is gemv_product:
             module.product = F.linear
             restored += 1
         for name, child in list(module.named_children()):

@@ -15,6 +15,10 @@ dynamic scale `max|x_row| / 448` (W8A8); without, only the weight is quantized.
   activations quantized): `torch._scaled_mm` on the FP8 tensor cores with row-wise scales
   (per token for x, per channel for W, a per-tensor scale broadcast), fp32 accumulation.
   Other calls fall back to the reference.
+- `triton` (the same devices, Triton installed): calls of up to 4 rows (decode steps) run
+  the few-row GEMV of `tessera/kernels/gemv.py`, which loads the e4m3 codes, rounds each
+  input row to e4m3 itself when activations are quantized, and scales after the reduction;
+  larger calls go to `scaled_mm`.
 
 `FP8Linear` stores `weight` (float8) and `weight_scale` (fp32) and calls the op.
 """
@@ -27,6 +31,9 @@ import torch
 import torch.nn as nn
 
 from tessera.kernels import registry
+from tessera.kernels._triton import HAS_TRITON
+from tessera.kernels.gemv import gemv_forward
+from tessera.kernels.int8_matmul import GEMV_MAX_ROWS
 from tessera.quant.linear import QuantizedLinear, linear_parts
 
 FP8 = torch.float8_e4m3fn
@@ -90,8 +97,22 @@ def supports_scaled_mm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def fp8_matmul_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    quantize_activations: bool) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > GEMV_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16):
+        return registry.fallback("fp8_matmul", "triton", x.device)(
+            x, weight, weight_scale, quantize_activations)
+    out = gemv_forward(rows if rows.stride(-1) == 1 else rows.contiguous(), weight,
+                       weight_scale=weight_scale, quantize_input=quantize_activations)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 registry.register("fp8_matmul", "torch", fp8_matmul_reference, reference=True)
 registry.register("fp8_matmul", "scaled_mm", fp8_matmul_scaled_mm, supports=supports_scaled_mm)
+if HAS_TRITON:
+    registry.register("fp8_matmul", "triton", fp8_matmul_gemv, supports=supports_scaled_mm,
+                      priority=1)
 
 
 # ---------------------------------------------------------------------------- module

@@ -111,7 +111,22 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantizedLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    """Name -> module of every quantized layer, under its own name also where an engine
+    has fused it into a group (`fused_projections.py`): a fused model saves like an
+    unfused one."""
+    from tessera.model.fused_projections import SharedInputQuantized
+
+    modules = dict(model.named_modules())
+    groups = {name: m for name, m in modules.items() if isinstance(m, SharedInputQuantized)}
+    inside = {id(group.fused) for group in groups.values()}
+    found = {name: m for name, m in modules.items()
+             if isinstance(m, QuantizedLinear) and id(m) not in inside}
+    for name, group in groups.items():
+        parent = name.rpartition(".")[0]
+        prefix = f"{parent}." if parent else ""
+        for member_name, member in zip(group.member_names, group.split(), strict=True):
+            found[prefix + member_name] = member
+    return found
 
 
 def _calibration(tokenizer: Any, config: QuantConfig) -> torch.Tensor:

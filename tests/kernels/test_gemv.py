@@ -56,6 +56,51 @@ def check_swiglu_gemv(rows, n, k, dtype, device, pdl=False):
     assert_close(out, expected, dtype)
 
 
+def quantized(weight, code):
+    """(codes, fp32 scales) of weight: int8 per channel, or e4m3 per channel / tensor."""
+    from tessera.quant.fp8 import quantize_fp8
+    from tessera.quant.int8 import quantize_int8
+
+    if code == "int8":
+        return quantize_int8(weight)
+    return quantize_fp8(weight, per_channel=code == "fp8-channel")
+
+
+def without_binade_carries(x):
+    """x `[rows, K]` (fp32) with every element whose e4m3 rounding (after division by its
+    row's dynamic scale) would carry into the next power of two moved to 3/4 of that power,
+    inside the binade. NOTE: the Triton interpreter (3.9) casts such values to e4m3 wrong
+    (half the right value); compiled kernels round them right, and the GPU checks keep them."""
+    from tessera.quant.fp8 import quantize_rows
+
+    codes, scale = quantize_rows(x)
+    values, rounded = x / scale, codes.float()
+    carries = (rounded.abs() > values.abs()) & (torch.log2(rounded.abs()).frac() == 0)
+    return torch.where(carries, 0.75 * rounded * scale, x)
+
+
+def check_scaled_gemv(rows, n, k, dtype, device, code, quantize_input, swiglu_input,
+                      pdl=False, interpreted=False):
+    """Codes and scales against their float64 dequantisation; with `quantize_input` the
+    input rows rounded to e4m3 as `quantize_rows` rounds them."""
+    from tessera.quant.fp8 import quantize_rows
+
+    x, weight = make_operands(rows, n, k, dtype, device, width=2 * k if swiglu_input else k)
+    if interpreted and quantize_input and not swiglu_input:
+        x = without_binade_carries(x)
+    codes, scale = quantized(weight.float(), code)
+    inputs = swiglu_reference(*x.chunk(2, dim=-1)) if swiglu_input else x
+    if quantize_input:
+        row_codes, row_scales = quantize_rows(inputs)
+        inputs = row_codes.double() * row_scales.double()
+    dequantized = codes.double() * (scale.double()[:, None] if scale.numel() > 1 else scale)
+    expected = inputs.double() @ dequantized.T
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device=device)
+    kernels.gemv_forward(x, codes, weight_scale=scale, quantize_input=quantize_input,
+                         swiglu_input=swiglu_input, out=out, pdl=pdl)
+    assert_close(out, expected, dtype)
+
+
 def check_ops_on_views(dtype, device):
     """The ops on leading dims and on row-strided views (the columns of a wider tensor)."""
     wide = torch.randn(2, 3, 50, device=device).to(dtype)
@@ -87,6 +132,19 @@ def test_swiglu_gemv_interpreted(interpreter, rows, n, k):
     interpreter.run(check_swiglu_gemv, rows, n, k, torch.float32, "cpu")
 
 
+# (codes, quantize the input, SwiGLU input); the interpreter runs the first three
+SCALED = [("int8", False, False), ("fp8-channel", True, False), ("fp8-tensor", False, True),
+          ("fp8-tensor", True, True)]
+
+
+@pytest.mark.parametrize("code, quantize_input, swiglu_input", SCALED[:3])
+@pytest.mark.parametrize("rows, n, k", SMALL)
+def test_scaled_gemv_interpreted(interpreter, rows, n, k, code, quantize_input,
+                                 swiglu_input):
+    interpreter.run(check_scaled_gemv, rows, n, k, torch.float32, "cpu", code,
+                    quantize_input, swiglu_input, False, True)
+
+
 def test_ops_on_views_interpreted(interpreter):
     interpreter.run(check_ops_on_views, torch.float32, "cpu")
 
@@ -99,6 +157,10 @@ def test_launcher_refuses_what_it_cannot_do():
         kernels.gemv_forward(x[:2], weight, swiglu_input=True)  # needs [M, 2K]
     with pytest.raises(AssertionError, match="dtype|float"):
         kernels.gemv_forward(x[:2], weight.double())
+    with pytest.raises(AssertionError, match="codes"):
+        kernels.gemv_forward(x[:2], weight, weight_scale=torch.ones(4))  # float "codes"
+    with pytest.raises(AssertionError, match="weight_scale"):
+        kernels.gemv_forward(x[:2], weight.to(torch.int8), weight_scale=torch.ones(3))
 
 
 def test_more_rows_larger_weights_and_autograd_take_the_plain_product():
@@ -139,6 +201,15 @@ def test_gemv_gpu(rows, n, k, dtype, pdl):
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
     check_gemv(rows, n, k, dtype, "cuda", with_bias=rows == 3, pdl=pdl)
     check_swiglu_gemv(rows, n, k, dtype, "cuda", pdl=pdl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("code, quantize_input, swiglu_input", SCALED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, n, k", LARGE)
+def test_scaled_gemv_gpu(rows, n, k, dtype, code, quantize_input, swiglu_input):
+    check_scaled_gemv(rows, n, k, dtype, "cuda", code, quantize_input, swiglu_input,
+                      pdl=use_pdl(torch.device("cuda")))
 
 
 @pytest.mark.gpu

@@ -90,13 +90,6 @@ def test_skinny_tiling_splits_k_only_when_tiles_are_few():
     assert kernels.skinny_tiling(4096, 4096, cpu) == (64, 1)  # plenty of tiles
 
 
-def test_gemv_tiling_splits_k_only_when_programs_are_few():
-    cpu = torch.device("cpu")  # 4 "SMs" off CUDA: 32 programs wanted
-    assert kernels.gemv_tiling(80, 8192, cpu) == (8, 3)  # 10 tiles, 32 // 10 splits
-    assert kernels.gemv_tiling(80, 1000, cpu) == (8, 1)  # too little K to split
-    assert kernels.gemv_tiling(4096, 8192, cpu) == (8, 1)  # plenty of tiles
-
-
 def test_launcher_rejects_bad_operands():
     x, weight, scale = make_inputs(3, 96, 80, torch.float32, "cpu")
     with pytest.raises(AssertionError, match="int8"):

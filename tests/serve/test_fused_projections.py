@@ -10,11 +10,12 @@ from tessera.errors import ConfigError
 from tessera.model.fused_projections import (
     ProjectionSlice,
     SharedInputProjection,
+    SharedInputQuantized,
     fuse_projections,
     is_fused,
     unfuse_projections,
 )
-from tessera.quant import quantize_model
+from tessera.quant import quantization_spec, quantize_model
 from tessera.serve.config import EngineConfig
 
 from .helpers import GREEDY, greedy_tokens_off_and_on, tiny_model
@@ -71,9 +72,37 @@ def test_the_state_dict_keeps_the_unfused_names_and_loads_both_ways():
     torch.testing.assert_close(_logits(again, ids), _logits(plain, ids))
 
 
-def test_quantized_layers_and_mixed_biases_are_left_alone():
-    quantized = quantize_model(tiny_model(seed=2), "int8")
-    assert fuse_projections(quantized) == 0 and not is_fused(quantized)
+@pytest.mark.parametrize("method, options", [("int8", {}), ("fp8", {}),
+                                             ("fp8", {"activations": "none"})])
+def test_quantized_groups_fuse_and_save_like_unfused_ones(method, options):
+    plain = quantize_model(tiny_model(seed=2, attention_bias=True), method, **options)
+    fused = quantize_model(tiny_model(seed=2, attention_bias=True), method, **options)
+    expected_state = plain.state_dict()
+    assert fuse_projections(fused) == 2 * fused.config.num_layers
+    attention = fused.model.layers[0].self_attn
+    assert isinstance(attention.qkv_proj, SharedInputQuantized)
+    assert type(attention.qkv_proj.fused) is type(plain.model.layers[0].self_attn.q_proj)
+    ids = torch.randint(2, 256, (3, 11), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(fused, ids), _logits(plain, ids), rtol=1e-5,
+                               atol=1e-5)
+    state = fused.state_dict()
+    assert sorted(state) == sorted(expected_state)
+    assert all(torch.equal(state[k], v) for k, v in expected_state.items())
+    assert quantization_spec(fused) == quantization_spec(plain)
+    reloaded = quantize_model(tiny_model(seed=9, attention_bias=True), method, **options)
+    fuse_projections(reloaded)
+    reloaded.load_state_dict(expected_state)  # an unfused checkpoint into a fused model
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(plain, ids), rtol=1e-5,
+                               atol=1e-5)
+    assert unfuse_projections(fused) == 2 * fused.config.num_layers
+    assert type(fused.model.layers[1].mlp.up_proj) is type(plain.model.layers[1].mlp.up_proj)
+    torch.testing.assert_close(_logits(fused, ids), _logits(plain, ids), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_per_tensor_scales_and_mixed_biases_are_left_alone():
+    per_tensor = quantize_model(tiny_model(seed=2), "fp8", per_channel=False)
+    assert fuse_projections(per_tensor) == 0 and not is_fused(per_tensor)
     mixed = tiny_model(seed=2)
     attention = mixed.model.layers[0].self_attn
     attention.q_proj.bias = torch.nn.Parameter(torch.zeros(attention.q_proj.out_features))
