@@ -109,7 +109,7 @@ def _gemv_kernel(X, W, S, B, OUT, M, N, K, stride_xm, stride_wn, stride_om,
         x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
                         SWIGLU_INPUT)
         if QUANTIZE_X:
-            x = tl.clamp(x / x_scale[:, None], -448.0, 448.0)
+            x = tl.clamp(tl.div_rn(x, x_scale[:, None]), -448.0, 448.0)  # IEEE, as torch
             x = x.to(tl.float8e4nv).to(tl.float32)
         w_next = tl.load(w_ptrs + k0 + BLOCK_K,
                          mask=mask_n[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :],
