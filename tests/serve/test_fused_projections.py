@@ -18,7 +18,7 @@ from tessera.model.fused_projections import (
 from tessera.quant import quantization_spec, quantize_model
 from tessera.serve.config import EngineConfig
 
-from .helpers import GREEDY, greedy_tokens_off_and_on, tiny_model
+from .helpers import GREEDY, greedy_token_ids, greedy_tokens_off_and_on, tiny_model
 
 
 def _logits(model, ids):
@@ -132,6 +132,18 @@ def test_the_engine_fuses_by_default_and_gives_the_same_tokens(make_engine):
     unfused, fused = greedy_tokens_off_and_on(make_engine, "fuse_projections", is_fused)
     assert fused == unfused
     assert all(len(tokens) == GREEDY.max_tokens for tokens in fused)
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_the_engine_fuses_quantized_groups_with_the_same_tokens(make_engine, method):
+    prompts = [[5, 9, 17, 3], [40, 41, 42, 43, 44, 45, 46], [7]]
+    outputs = []
+    for enabled in (False, True):
+        model = quantize_model(tiny_model(seed=7), method)
+        engine = make_engine(model, fuse_projections=enabled)
+        assert is_fused(model) is enabled
+        outputs.append(greedy_token_ids(engine, prompts))
+    assert outputs[1] == outputs[0]
 
 
 def test_fuse_projections_must_be_a_bool():
