@@ -18,7 +18,7 @@ run() {  # run NAME SECONDS COMMAND...
 }
 
 run gpu-tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels
-for bench in ${BENCHES:-attention rms_norm swiglu paged_decode paged_decode_splits kd_loss int8_matmul}; do
+for bench in ${BENCHES:-attention rms_norm swiglu paged_decode paged_decode_splits kd_loss int8_matmul gemv}; do
   script=benchmarks/bench_$bench.py
   [ -f "$script" ] && run "bench_$bench" 150 python3 "$script" --out "$OUT/bench_$bench.json"
 done

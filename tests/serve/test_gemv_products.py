@@ -19,7 +19,7 @@ from tessera.model.transformer import MLP
 from tessera.quant import quantize_model
 from tessera.serve.config import EngineConfig
 
-from .helpers import GREEDY, random_prompt, run_engine, tiny_model
+from .helpers import GREEDY, greedy_tokens_off_and_on, random_prompt, run_engine, tiny_model
 
 IDS = torch.randint(2, 256, (3, 11), generator=torch.Generator().manual_seed(0))
 
@@ -76,6 +76,17 @@ def test_the_engine_leaves_cpu_models_alone(make_engine):
     model = tiny_model(seed=4)
     make_engine(model, gemv_products=True)
     assert is_fused(model) and not uses_gemv(model)
+
+
+def test_an_engine_over_gemv_products_gives_the_same_tokens(make_engine, monkeypatch):
+    """The engine's paths (prefill, paged decode, the static decode path) over a model whose
+    products are GEMV modules (their CPU ops are the references): the same greedy tokens."""
+    import tessera.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "use_gemv_products",
+                        lambda model: use_gemv_products(model, everywhere=True))
+    plain, changed = greedy_tokens_off_and_on(make_engine, "gemv_products", uses_gemv)
+    assert changed == plain
 
 
 def test_gemv_products_must_be_a_bool():
