@@ -4,12 +4,15 @@ SwiGLU activation applied to the input on the fly.
 Ops:
 - "gemv": `gemv(x, weight, bias=None) -> x @ weight.T (+ bias)` for x `[..., K]`, weight
   `[N, K]`, in fp32, fp16 or bf16 (the kernel takes up to `MAX_ROWS` rows).
-- "swiglu_gemv": `swiglu_gemv(gate_up, weight) -> swiglu(gate, up) @ weight.T`, where
-  `gate_up [..., 2F]` holds the gate in its first F columns and up in its last (a fused
-  gate/up projection's output) and weight is `[N, F]`: the MLP's activation and its down
-  projection in one launch.
+- "swiglu_gemv": `swiglu_gemv(gate_up, weight, weight_scale=None, quantize_input=False)
+  -> swiglu(gate, up) @ W.T`, where `gate_up [..., 2F]` holds the gate in its first F
+  columns and up in its last (a fused gate/up projection's output) and W `[N, F]` is
+  `weight`, or int8 / e4m3 codes times `weight_scale` (per output channel or per tensor;
+  with `quantize_input` the activation rows are first rounded to e4m3, FP8 W8A8): the
+  MLP's activation and its down projection in one launch.
 
-Torch references: `F.linear`, and the `swiglu` reference followed by `F.linear`.
+Torch references: `F.linear`, and the `swiglu` reference followed by `F.linear` on the
+dequantised weight (the activation rounded through e4m3 with `quantize_input`).
 
 Triton kernel: each program owns BLOCK_N output channels for every row; it streams
 `[BLOCK_N, BLOCK_K]` weight tiles along their contiguous K, multiplies them elementwise by
@@ -35,6 +38,8 @@ from tessera.kernels._triton import HAS_TRITON, interpreting, tl, triton, use_pd
 from tessera.kernels.swiglu import swiglu_reference
 
 MAX_ROWS = 8  # rows per launch; more rows go to cuBLAS (a GEMM's job)
+QUANTIZED_MAX_ROWS = 4  # quantized weights: rows the int8 and FP8 ops send here
+E4M3_MAX = 448.0
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # weights dequantised by a scale
 
@@ -44,9 +49,31 @@ def gemv_reference(x: torch.Tensor, weight: torch.Tensor,
     return F.linear(x, weight, bias)
 
 
-def swiglu_gemv_reference(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def round_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8 x `[M, K]`, fp32 scales `[M, 1]`): each row rounded to e4m3 with its own
+    dynamic scale `max|row| / 448` (floored at 1e-12 / 448)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
+    return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def dequantized(weight: torch.Tensor, weight_scale: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """W in `dtype`: `weight` itself, or its codes times their scales."""
+    if weight_scale is None:
+        return weight.to(dtype)
+    return (weight.float() * weight_scale.float().reshape(-1, 1)).to(dtype)
+
+
+def swiglu_gemv_reference(gate_up: torch.Tensor, weight: torch.Tensor,
+                          weight_scale: torch.Tensor | None = None,
+                          quantize_input: bool = False) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.linear(swiglu_reference(gate, up), weight)
+    activation = swiglu_reference(gate, up)
+    if quantize_input:
+        codes, scale = round_rows_e4m3(activation.reshape(-1, activation.shape[-1]))
+        activation = (codes.float() * scale).to(gate_up.dtype).reshape(activation.shape)
+    return F.linear(activation, dequantized(weight, weight_scale, gate_up.dtype))
 
 
 # ---------------------------------------------------------------------------- kernel
@@ -74,7 +101,7 @@ def _row_scales(x_ptrs, mask_m, K, SWIGLU_INPUT: tl.constexpr, BLOCK_M: tl.const
         x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
                         SWIGLU_INPUT)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    return tl.maximum(amax, 1e-12) / 448.0
+    return tl.maximum(amax, 1e-12) / 448.0  # E4M3_MAX
 
 
 @triton.jit
@@ -221,16 +248,24 @@ def gemv(x: torch.Tensor, weight: torch.Tensor,
     return out.reshape(*x.shape[:-1], n)
 
 
-def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The fused op on gate_up of any leading shape: the kernel where `prefers_gemv`, the
-    device's "swiglu" op then `F.linear` otherwise."""
+def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor,
+                weight_scale: torch.Tensor | None = None,
+                quantize_input: bool = False) -> torch.Tensor:
+    """The fused op on gate_up of any leading shape: the kernel where `prefers_gemv` (float
+    weights) or for up to `QUANTIZED_MAX_ROWS` rows (codes); otherwise the device's
+    "swiglu" op, then `F.linear` (float) or the reference's dequantised product (codes:
+    their modules' own ops are what serves more rows)."""
     rows = gate_up.numel() // max(1, gate_up.shape[-1])
     n, k = weight.shape
-    if not 0 < rows <= MAX_ROWS or not prefers_gemv(rows, n, k) or \
-            torch.is_grad_enabled() and weight.requires_grad:
+    few = rows <= QUANTIZED_MAX_ROWS if weight_scale is not None else \
+        rows <= MAX_ROWS and prefers_gemv(rows, n, k)
+    if rows == 0 or not few or torch.is_grad_enabled() and weight.requires_grad:
+        if weight_scale is not None:
+            return swiglu_gemv_reference(gate_up, weight, weight_scale, quantize_input)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.linear(registry.get("swiglu", gate_up.device)(gate, up), weight)
-    out = gemv_forward(_rows(gate_up), weight.contiguous(), swiglu_input=True)
+    out = gemv_forward(_rows(gate_up), weight.contiguous(), weight_scale=weight_scale,
+                       quantize_input=quantize_input, swiglu_input=True)
     return out.reshape(*gate_up.shape[:-1], n)
 
 

@@ -33,10 +33,9 @@ import torch
 
 from tessera.kernels import registry
 from tessera.kernels._triton import HAS_TRITON, interpreting, tl, triton
-from tessera.kernels.gemv import gemv_forward, prefers_gemv
+from tessera.kernels.gemv import QUANTIZED_MAX_ROWS, gemv_forward, prefers_gemv
 
 SKINNY_MAX_M = 16  # rows handled by the split-K decode path
-GEMV_MAX_ROWS = 4  # rows that may take the few-row GEMV (gemv.py)
 MAX_SPLIT_K = 16
 MIN_K_PER_SPLIT = 512
 GROUP_M = 8
@@ -201,7 +200,7 @@ def int8_matmul_forward(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tens
     _check_operands(x, weight, scale, out)
     if m == 0 or n == 0:
         return out
-    if split_k is None and m <= GEMV_MAX_ROWS and (m == 1 or prefers_gemv(m, n, k)):
+    if split_k is None and m <= QUANTIZED_MAX_ROWS and (m == 1 or prefers_gemv(m, n, k)):
         gemv_forward(x, weight, weight_scale=scale, out=out)
     elif m <= SKINNY_MAX_M:
         _launch_skinny(x, weight, scale, out, split_k)

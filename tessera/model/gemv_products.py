@@ -8,8 +8,10 @@ rows (a decode step) where it beats cuBLAS and cuBLAS otherwise:
 - each plain `nn.Linear` of a layer (o_proj, down_proj, and the unfused q/k/v and gate/up
   projections) becomes a `GemvLinear` with the same parameters;
 - each MLP whose gate and up are fused and whose down projection is a plain bias-free
-  `nn.Linear` becomes a `SwiGLUDownMLP`: the SwiGLU activation and the down projection in
-  one "swiglu_gemv" launch, reading the fused gate/up product directly.
+  `nn.Linear` (or, in a quantized model, an int8 or FP8 module) becomes a
+  `SwiGLUDownMLP`: the SwiGLU activation and the down projection in one "swiglu_gemv"
+  launch, reading the fused gate/up product directly. Quantized q/k/v and gate/up products
+  need nothing here: their own ops take the GEMV for a few rows.
 
 Parameters, `state_dict` and the module tree's names are unchanged, and results equal the
 plain path's up to the order of fp32 sums. Only modules whose weights sit on a device where
@@ -25,8 +27,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tessera.kernels import registry
-from tessera.model.fused_projections import SharedInputProjection, linear_of
+from tessera.kernels.gemv import QUANTIZED_MAX_ROWS
+from tessera.model.fused_projections import (
+    SharedInputProjection,
+    SharedInputQuantized,
+    linear_of,
+)
 from tessera.model.transformer import MLP
+from tessera.quant.fp8 import FP8Linear
+from tessera.quant.int8 import Int8Linear
+
+QUANTIZED_DOWN = (Int8Linear, FP8Linear)  # down projections whose codes the GEMV reads
 
 
 def gemv_product(x: torch.Tensor, weight: torch.Tensor,
@@ -52,15 +63,24 @@ class GemvLinear(nn.Module):
 
 
 class SwiGLUDownMLP(MLP):
-    """The MLP of a fused gate/up projection: `swiglu_gemv(gate_up(x), W_down)`.
+    """The MLP of a fused gate/up projection: `swiglu_gemv(gate_up(x), W_down)`, with the
+    down projection's int8 or FP8 codes and scales where it is quantized (up to
+    `QUANTIZED_MAX_ROWS` rows; more go through the module itself).
 
     NOTE: installed by reassigning an `MLP` object's class (`use_gemv_products`), so that the
     object keeps its submodules and the fused projection's state-dict hooks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.gate_up_proj
-        gate_up = group.product(x, group.weight, group.bias)  # [..., 2F]
-        return registry.get("swiglu_gemv", x.device)(gate_up, self.down_proj.weight)
+        gate_up = self.gate_up_proj.compute(x)  # [..., 2F]
+        down = self.down_proj
+        swiglu_gemv = registry.get("swiglu_gemv", x.device)
+        if not isinstance(down, QUANTIZED_DOWN):
+            return swiglu_gemv(gate_up, down.weight)
+        if gate_up.numel() > QUANTIZED_MAX_ROWS * gate_up.shape[-1]:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return down(registry.get("swiglu", x.device)(gate, up))
+        quantize_input = isinstance(down, FP8Linear) and down.activations == "dynamic"
+        return swiglu_gemv(gate_up, down.weight, down.weight_scale, quantize_input)
 
 
 def _fast_on(weight: torch.Tensor, everywhere: bool) -> bool:
@@ -69,8 +89,12 @@ def _fast_on(weight: torch.Tensor, everywhere: bool) -> bool:
 
 def _fusable_mlp(mlp: nn.Module) -> bool:
     group, down = getattr(mlp, "gate_up_proj", None), mlp.down_proj
-    return type(mlp) is MLP and type(group) is SharedInputProjection and \
-        group.bias is None and type(down) in (nn.Linear, GemvLinear) and down.bias is None
+    if type(mlp) is not MLP or not isinstance(group, SharedInputProjection) or \
+            down.bias is not None:
+        return False
+    if isinstance(group, SharedInputQuantized):
+        return isinstance(down, QUANTIZED_DOWN) and down.input_scale is None
+    return group.bias is None and type(down) in (nn.Linear, GemvLinear)
 
 
 def use_gemv_products(model: nn.Module, *, everywhere: bool = False) -> int:

@@ -32,8 +32,7 @@ import torch.nn as nn
 
 from tessera.kernels import registry
 from tessera.kernels._triton import HAS_TRITON
-from tessera.kernels.gemv import gemv_forward
-from tessera.kernels.int8_matmul import GEMV_MAX_ROWS
+from tessera.kernels.gemv import QUANTIZED_MAX_ROWS, gemv_forward, round_rows_e4m3
 from tessera.quant.linear import QuantizedLinear, linear_parts
 
 FP8 = torch.float8_e4m3fn
@@ -58,9 +57,7 @@ def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor,
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8 x `[M, K]`, fp32 scales `[M, 1]`): one dynamic scale per row."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_TINY) / FP8_MAX
-    return (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return round_rows_e4m3(x)
 
 
 def _as_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
@@ -100,7 +97,7 @@ def supports_scaled_mm(device: torch.device) -> bool:
 def fp8_matmul_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     quantize_activations: bool) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > GEMV_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16):
+    if rows.shape[0] > QUANTIZED_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16):
         return registry.fallback("fp8_matmul", "triton", x.device)(
             x, weight, weight_scale, quantize_activations)
     out = gemv_forward(rows if rows.stride(-1) == 1 else rows.contiguous(), weight,

@@ -101,8 +101,10 @@ def check_scaled_gemv(rows, n, k, dtype, device, code, quantize_input, swiglu_in
     assert_close(out, expected, dtype)
 
 
-def check_ops_on_views(dtype, device):
-    """The ops on leading dims and on row-strided views (the columns of a wider tensor)."""
+def check_ops_on_views(dtype, device, codes=("int8",)):
+    """The ops on leading dims and on row-strided views (the columns of a wider tensor), and
+    "swiglu_gemv" with `codes` (the interpreter leaves out the e4m3-rounded inputs: see
+    `without_binade_carries`)."""
     wide = torch.randn(2, 3, 50, device=device).to(dtype)
     x = wide[..., :40]  # [2, 3, 40], rows 50 apart
     weight = torch.randn(7, 40, device=device).to(dtype)
@@ -115,6 +117,13 @@ def check_ops_on_views(dtype, device):
     expected = swiglu_reference(*gate_up.chunk(2, dim=-1)).double() @ down.double().T
     assert out.shape == (1, 2, 9)
     assert_close(out, expected, dtype)
+    for code in codes:  # the op with codes against its reference
+        weight, scale = quantized(down.float(), code)
+        quantize_input = code != "int8"
+        out = kernels.swiglu_gemv(gate_up, weight, scale, quantize_input)
+        expected = kernels.swiglu_gemv_reference(gate_up, weight, scale, quantize_input)
+        assert out.shape == (1, 2, 9)
+        assert_close(out, expected.double(), dtype)
 
 
 # ---------------------------------------------------------------------------- interpreter
@@ -214,7 +223,7 @@ def test_scaled_gemv_gpu(rows, n, k, dtype, code, quantize_input, swiglu_input):
 
 @pytest.mark.gpu
 def test_ops_on_views_gpu():
-    check_ops_on_views(torch.bfloat16, "cuda")
+    check_ops_on_views(torch.bfloat16, "cuda", codes=("int8", "fp8-channel"))
 
 
 def test_programmatic_dependent_launch_only_on_compiled_cuda(monkeypatch):

@@ -50,6 +50,22 @@ def test_gemv_products_give_the_same_logits_and_state_dict(fuse):
                                    atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_quantized_mlps_take_the_swiglu_gemv_with_the_same_logits(method):
+    """A quantized model fused by an engine: only its MLPs change (their products' own ops
+    take the GEMV), to the SwiGLU-input GEMV over the down projection's codes."""
+    plain = quantize_model(tiny_model(seed=6), method)
+    changed = quantize_model(tiny_model(seed=6), method)
+    fuse_projections(changed)
+    assert use_gemv_products(changed, everywhere=True) == changed.config.num_layers
+    assert all(type(layer.mlp) is SwiGLUDownMLP for layer in changed.model.layers)
+    with torch.inference_mode():
+        for rows in (IDS[:1, :1], IDS[:, :1], IDS):  # a few rows, and more (the module)
+            torch.testing.assert_close(changed(rows), plain(rows), rtol=1e-5, atol=1e-5)
+    assert undo_gemv_products(changed) == changed.config.num_layers
+    assert all(type(layer.mlp) is MLP for layer in changed.model.layers)
+
+
 def test_undoing_restores_plain_modules_and_the_model_still_quantizes():
     model = tiny_model(seed=2)
     fuse_projections(model)
@@ -126,3 +142,21 @@ def test_gemv_products_match_cublas_logits_in_bf16():
             scale = expected.abs().max().item()
             torch.testing.assert_close(changed(rows).float(), expected, rtol=0,
                                        atol=2e-2 * scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_quantized_gemv_paths_match_the_modules_on_cuda(method):
+    """Fused quantized groups and the SwiGLU-input GEMV over codes against the same quantized
+    model unfused, in bf16 on CUDA: a few rows (GEMV) and many (the modules' kernels)."""
+    plain = quantize_model(tiny_model(seed=5).to("cuda", torch.bfloat16), method)
+    changed = quantize_model(tiny_model(seed=5).to("cuda", torch.bfloat16), method)
+    fuse_projections(changed)
+    assert use_gemv_products(changed) == changed.config.num_layers
+    ids = IDS.cuda()
+    with torch.inference_mode():
+        for rows in (ids[:1, :1], ids[:, :1], ids):
+            expected = plain(rows).float()
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(changed(rows).float(), expected, rtol=0,
+                                       atol=3e-2 * scale)
