@@ -72,7 +72,7 @@ def test_the_state_dict_keeps_the_unfused_names_and_loads_both_ways():
     torch.testing.assert_close(_logits(again, ids), _logits(plain, ids))
 
 
-@pytest.mark.parametrize("method, options", [("int8", {}), ("fp8", {}),
+@pytest.mark.parametrize("method, options", [("int8", {}), ("int4", {}), ("fp8", {}),
                                              ("fp8", {"activations": "none"})])
 def test_quantized_groups_fuse_and_save_like_unfused_ones(method, options):
     plain = quantize_model(tiny_model(seed=2, attention_bias=True), method, **options)
