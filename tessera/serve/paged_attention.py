@@ -111,11 +111,37 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return unpad(out.to(q.dtype), b.rows, q.shape[0])
 
 
+def _lone_cpu_decode(q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     max_query_len: int, max_context_len: int) -> bool:
+    """One sequence, one query, on the CPU, attending to all `max_context_len` keys (read
+    from a CPU tensor: no device sync): no mask, padding or unpadding needed."""
+    return (not q.is_cuda and q.shape[0] == 1 and max_query_len == 1
+            and block_tables.shape[0] == 1 and int(context_lens[0]) == max_context_len)
+
+
+def _sdpa_lone_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, context_len: int) -> torch.Tensor:
+    """`_lone_cpu_decode`'s case: the sequence's keys gathered, then unmasked SDPA (a
+    single-stream decode step spent about half of its attention time on the mask and the
+    padding around the general path)."""
+    num_blocks = -(-context_len // k_cache.shape[1])
+    tables = block_tables[:, :num_blocks]
+    k = _gather_blocks(k_cache, tables)[:, :context_len].transpose(1, 2)  # [1, KVH, T, D]
+    v = _gather_blocks(v_cache, tables)[:, :context_len].transpose(1, 2)
+    qt = q[None].transpose(1, 2)  # [1, H, 1, D]
+    group = q.shape[1] // k_cache.shape[2]
+    out = F.scaled_dot_product_attention(qt.float(), k.float(), v.float(),
+                                         enable_gqa=group > 1)
+    return out.transpose(1, 2).reshape(q.shape).to(q.dtype)
+
+
 def paged_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
                          block_tables: torch.Tensor, context_lens: torch.Tensor,
                          cu_seqlens_q: torch.Tensor, max_query_len: int,
                          max_context_len: int) -> torch.Tensor:
     """The same computation through `scaled_dot_product_attention` (GQA without copies)."""
+    if _lone_cpu_decode(q, block_tables, context_lens, max_query_len, max_context_len):
+        return _sdpa_lone_decode(q, k_cache, v_cache, block_tables, max_context_len)
     b = pad_by_sequence(q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
                         max_query_len, max_context_len)
     qt, kt, vt = (x.transpose(1, 2) for x in (b.q, b.k, b.v))  # [S, heads, T, D]

@@ -87,6 +87,18 @@ def test_one_decode_reads_only_its_context_whatever_the_bounds(dtype):
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
+def test_a_lone_decode_over_its_exact_context_takes_the_unmasked_path():
+    """The cases above run both CPU branches; this pins which one each takes."""
+    from tessera.serve.paged_attention import _lone_cpu_decode
+
+    q, _, _, kwargs, _ = build_case([19], [1])
+    tables, lens = kwargs["block_tables"], kwargs["context_lens"]
+    assert _lone_cpu_decode(q, tables, lens, 1, 19)
+    assert not _lone_cpu_decode(q, tables, lens, 1, 64)  # a loose bound: masked path
+    q2, _, _, kwargs2, _ = build_case([7, 30], [1, 1])
+    assert not _lone_cpu_decode(q2, kwargs2["block_tables"], kwargs2["context_lens"], 1, 30)
+
+
 def check_sdpa_in_dtype(device: str, dtype: torch.dtype) -> None:
     """Chunks and decodes in `dtype` against fp32 attention over the rounded inputs."""
     context_lens, query_lens = [37, 130, 9], [37, 61, 1]
