@@ -235,38 +235,41 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def takes_few_row_kernel(rows: int, weight: torch.Tensor, quantized: bool) -> bool:
+    """Whether an op call goes to the kernel: up to `QUANTIZED_MAX_ROWS` rows for codes,
+    where `prefers_gemv` for float weights, never under autograd."""
+    if rows == 0 or torch.is_grad_enabled() and weight.requires_grad:
+        return False
+    if quantized:
+        return rows <= QUANTIZED_MAX_ROWS
+    return rows <= MAX_ROWS and prefers_gemv(rows, *weight.shape)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor,
          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The op on x of any leading shape: the kernel where `prefers_gemv`, `F.linear`
-    otherwise and under autograd."""
-    rows = x.numel() // max(1, x.shape[-1])
-    n, k = weight.shape
-    if not 0 < rows <= MAX_ROWS or not prefers_gemv(rows, n, k) or \
-            torch.is_grad_enabled() and weight.requires_grad:
+    """The op on x of any leading shape: the kernel where `takes_few_row_kernel`, `F.linear`
+    otherwise."""
+    if not takes_few_row_kernel(x.numel() // max(1, x.shape[-1]), weight, quantized=False):
         return F.linear(x, weight, bias)
     out = gemv_forward(_rows(x), weight.contiguous(), bias)
-    return out.reshape(*x.shape[:-1], n)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor,
                 weight_scale: torch.Tensor | None = None,
                 quantize_input: bool = False) -> torch.Tensor:
-    """The fused op on gate_up of any leading shape: the kernel where `prefers_gemv` (float
-    weights) or for up to `QUANTIZED_MAX_ROWS` rows (codes); otherwise the device's
-    "swiglu" op, then `F.linear` (float) or the reference's dequantised product (codes:
-    their modules' own ops are what serves more rows)."""
+    """The fused op on gate_up of any leading shape: the kernel where `takes_few_row_kernel`;
+    otherwise the device's "swiglu" op, then `F.linear` (float) or the reference's
+    dequantised product (codes: their modules' own ops are what serves more rows)."""
     rows = gate_up.numel() // max(1, gate_up.shape[-1])
-    n, k = weight.shape
-    few = rows <= QUANTIZED_MAX_ROWS if weight_scale is not None else \
-        rows <= MAX_ROWS and prefers_gemv(rows, n, k)
-    if rows == 0 or not few or torch.is_grad_enabled() and weight.requires_grad:
+    if not takes_few_row_kernel(rows, weight, quantized=weight_scale is not None):
         if weight_scale is not None:
             return swiglu_gemv_reference(gate_up, weight, weight_scale, quantize_input)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.linear(registry.get("swiglu", gate_up.device)(gate, up), weight)
     out = gemv_forward(_rows(gate_up), weight.contiguous(), weight_scale=weight_scale,
                        quantize_input=quantize_input, swiglu_input=True)
-    return out.reshape(*gate_up.shape[:-1], n)
+    return out.reshape(*gate_up.shape[:-1], weight.shape[0])
 
 
 registry.register("gemv", "torch", gemv_reference, reference=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tessera.model.fused_projections import SharedInputProjection, linear_of
+from tessera.model.fused_projections import SharedInputProjection, restore_linears
 
 PACK_BATCH_HINT = 16  # the row count oneDNN chooses the packed layout for
 MIN_ROWS = {torch.float32: 2, torch.bfloat16: 1}  # fewer rows: plain F.linear
@@ -91,13 +91,4 @@ def prepack_linears(model: nn.Module) -> int:
 
 def unprepack_linears(model: nn.Module) -> int:
     """Undo `prepack_linears`; returns how many were unpacked."""
-    unpacked = 0
-    for parent in list(model.modules()):
-        if type(parent) is SharedInputProjection and parent.product is not F.linear:
-            parent.product = F.linear
-            unpacked += 1
-        for name, child in list(parent.named_children()):
-            if isinstance(child, PrepackedLinear):
-                setattr(parent, name, linear_of(child.weight, child.bias))
-                unpacked += 1
-    return unpacked
+    return restore_linears(model, PrepackedLinear, lambda product: product is not F.linear)

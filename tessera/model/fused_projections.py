@@ -27,6 +27,7 @@ calls it first, so a model an engine has fused can still be quantized.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -43,10 +44,11 @@ class SharedInputProjection(nn.Module):
     """`[W_1; ...; W_n]` applied once per input; member i reads output columns
     `starts[i] : starts[i] + sizes[i]`."""
 
-    SUFFIXES = ("weight", "bias")  # state-dict entries split among the members
+    STATE_PATH = ""  # where the fused tensors sit under the group, in the state dict
 
-    def __init__(self, linears: list[nn.Module]):
+    def __init__(self, linears: list[nn.Module], member_names: tuple[str, ...]):
         super().__init__()
+        self.member_names = member_names
         self.sizes = [m.out_features for m in linears]
         self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self._input: torch.Tensor | None = None
@@ -64,6 +66,11 @@ class SharedInputProjection(nn.Module):
         # (x, weight, bias) -> x @ weight^T + bias; serving may swap in a faster one
         # (`cpu_prepack.py`, `gemv_products.py`)
         self.product = F.linear
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """The state-dict entries split among the members."""
+        return ("weight", "bias")
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         return self.product(x, self.weight, self.bias)
@@ -90,29 +97,33 @@ class SharedInputQuantized(SharedInputProjection):
     stored tensors, each with a row per output channel, concatenated into one module of
     that kind, which computes the product."""
 
+    STATE_PATH = ".fused"
+
     def _join(self, members: list[QuantizedLinear]) -> None:
         first = members[0]
-        names = (*first.STORAGE, "bias") if first.bias is not None else first.STORAGE
-        self.SUFFIXES = names
-        fused = type(first).empty(first.in_features, sum(self.sizes),
-                                  bias=first.bias is not None, input_scale=False,
-                                  **first.options())
-        for name in names:
-            setattr(fused, name, torch.cat([getattr(m, name) for m in members]))
-        self.fused = fused
+        self.fused = type(first).empty(first.in_features, sum(self.sizes),
+                                       bias=first.bias is not None, input_scale=False,
+                                       **first.options())
+        for name in self.suffixes:
+            setattr(self.fused, name, torch.cat([getattr(m, name) for m in members]))
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        storage = self.fused.STORAGE
+        return (*storage, "bias") if self.fused.bias is not None else storage
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)
 
     def split(self) -> list[nn.Module]:
         kind, sizes = type(self.fused), self.sizes
-        parts = {name: getattr(self.fused, name).split(sizes) for name in self.SUFFIXES}
+        parts = {name: getattr(self.fused, name).split(sizes) for name in self.suffixes}
         members = []
         for i, size in enumerate(sizes):
             member = kind.empty(self.fused.in_features, size, bias="bias" in parts,
                                 input_scale=False, **self.fused.options())
-            for name in self.SUFFIXES:
-                setattr(member, name, parts[name][i])
+            for name, part in parts.items():
+                setattr(member, name, part[i])
             members.append(member)
         return members
 
@@ -143,6 +154,23 @@ def linear_of(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         linear.bias = bias if isinstance(bias, nn.Parameter) else \
             nn.Parameter(bias, requires_grad=False)
     return linear
+
+
+def restore_linears(model: nn.Module, module_type: type,
+                    swapped: Callable[[Callable], bool]) -> int:
+    """Undo a serving transform of products: every `module_type` child back to a plain
+    `nn.Linear` of its parameters, and every float fused projection whose product
+    `swapped(product)` back to `F.linear`; returns how many were restored."""
+    restored = 0
+    for parent in list(model.modules()):
+        if type(parent) is SharedInputProjection and swapped(parent.product):
+            parent.product = F.linear
+            restored += 1
+        for name, child in list(parent.named_children()):
+            if isinstance(child, module_type):
+                setattr(parent, name, linear_of(child.weight, child.bias))
+                restored += 1
+    return restored
 
 
 def fusable(linears: list[nn.Module]) -> bool:
@@ -177,17 +205,16 @@ def fuse_group(parent: nn.Module, names: tuple[str, ...], fused_name: str) -> bo
         return False  # some members have a bias and some not: left as they are
     kind = SharedInputQuantized if isinstance(linears[0], QuantizedLinear) else \
         SharedInputProjection
-    group = kind(linears)
-    group.member_names = names
+    group = kind(linears, names)
     parent.add_module(fused_name, group)
     for index, name in enumerate(names):
         setattr(parent, name, ProjectionSlice(group, index, linears[index].in_features))
-    state_name = f"{fused_name}.fused" if kind is SharedInputQuantized else fused_name
+    state_name = fused_name + group.STATE_PATH
     group.hooks = [
         parent.register_state_dict_post_hook(
-            partial(_split_state, state_name, names, group.SUFFIXES, group.sizes)),
+            partial(_split_state, state_name, names, group.suffixes, group.sizes)),
         parent.register_load_state_dict_pre_hook(
-            partial(_join_state, state_name, names, group.SUFFIXES))]
+            partial(_join_state, state_name, names, group.suffixes))]
     return True
 
 

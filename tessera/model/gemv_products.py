@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tessera.kernels import registry
 from tessera.kernels.gemv import QUANTIZED_MAX_ROWS
 from tessera.model.fused_projections import (
     SharedInputProjection,
     SharedInputQuantized,
-    linear_of,
+    restore_linears,
 )
 from tessera.model.transformer import MLP
 from tessera.quant.fp8 import FP8Linear
@@ -121,15 +120,9 @@ def use_gemv_products(model: nn.Module, *, everywhere: bool = False) -> int:
 def undo_gemv_products(model: nn.Module) -> int:
     """Undo `use_gemv_products`; returns the number of modules restored."""
     restored = 0
-    for module in list(model.modules()):
+    for module in model.modules():
         if type(module) is SwiGLUDownMLP:
             module.__class__ = MLP
             restored += 1
-        if type(module) is SharedInputProjection and module.product is gemv_product:
-            module.product = F.linear
-            restored += 1
-        for name, child in list(module.named_children()):
-            if isinstance(child, GemvLinear):
-                setattr(module, name, linear_of(child.weight, child.bias))
-                restored += 1
-    return restored
+    return restored + restore_linears(model, GemvLinear,
+                                      lambda product: product is gemv_product)

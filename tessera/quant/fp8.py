@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from tessera.kernels import registry
 from tessera.kernels._triton import HAS_TRITON
-from tessera.kernels.gemv import QUANTIZED_MAX_ROWS, gemv_forward, round_rows_e4m3
+from tessera.kernels.gemv import gemv_forward, round_rows_e4m3, takes_few_row_kernel
 from tessera.quant.linear import QuantizedLinear, linear_parts
 
 FP8 = torch.float8_e4m3fn
@@ -97,7 +97,8 @@ def supports_scaled_mm(device: torch.device) -> bool:
 def fp8_matmul_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     quantize_activations: bool) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > QUANTIZED_MAX_ROWS or x.dtype not in (torch.bfloat16, torch.float16):
+    if not takes_few_row_kernel(rows.shape[0], weight, quantized=True) or \
+            x.dtype not in (torch.bfloat16, torch.float16):
         return registry.fallback("fp8_matmul", "triton", x.device)(
             x, weight, weight_scale, quantize_activations)
     out = gemv_forward(rows if rows.stride(-1) == 1 else rows.contiguous(), weight,

@@ -128,6 +128,20 @@ def test_registry_picks_scaled_mm_only_on_fp8_gpus():
     assert registry.select("fp8_matmul", "cpu").backend == "torch"
 
 
+def test_fp8_gemv_path_passes_empty_and_many_row_calls_on():
+    """No rows, or more than the few-row kernel takes: the next implementation (here the
+    reference), not a launch."""
+    from tessera.quant.fp8 import fp8_matmul_gemv
+
+    module = FP8Linear.from_linear(make_linear(64, 24)).to(torch.bfloat16)
+    for rows in (0, 5):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        got = fp8_matmul_gemv(x, module.weight, module.weight_scale, True)
+        assert got.shape == (rows, 24)
+        torch.testing.assert_close(got, fp8_matmul_reference(x, module.weight,
+                                                             module.weight_scale, True))
+
+
 # ---------------------------------------------------------------------------- GPU
 
 
