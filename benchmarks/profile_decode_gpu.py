@@ -2,11 +2,13 @@
 
     python benchmarks/profile_decode_gpu.py                  # SmolLM2-135M shape
     python benchmarks/profile_decode_gpu.py llama-3.2-1b --ttft
+    python benchmarks/profile_decode_gpu.py --quant int8    # the int8 weight-only model
 
-For each preset: a random-weight bf16 model on `LLMEngine` (CUDA graphs, fused
-projections), one warm-up request, then one request of 128 random prompt tokens -> 32
-generated tokens under torch.profiler (its prefill and 31 decode steps). Prints the kernels
-sorted by their device time; divide by the step count for a token's share.
+For each preset: a random-weight bf16 model (or its `--quant` quantized copy) on
+`LLMEngine` (CUDA graphs, fused projections), one warm-up request, then one request of 128
+random prompt tokens -> 32 generated tokens under torch.profiler (its prefill and 31 decode
+steps). Prints the kernels sorted by their device time; divide by the step count for a
+token's share.
 
 `--ttft` adds the time to the first token of fresh 128-token prompts (no prefix-cache
 hit): the wall time from `add_request` to the first output with a token, the device time
@@ -75,19 +77,21 @@ def main() -> None:
     parser.add_argument("--ttft", action="store_true", help="also the time to first token")
     parser.add_argument("--no-gemv", dest="gemv_products", action="store_false",
                         help="decode products by cuBLAS, not the few-row GEMV kernel")
+    parser.add_argument("--quant", default=None, choices=["int8", "int4", "awq", "fp8"],
+                        help="quantize the model's layers with this method first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode_gpu.py needs a CUDA device")
     engine_args = argparse.Namespace(enforce_eager=False, fuse_projections=True,
                                      gemv_products=args.gemv_products, async_scheduling=None)
     for preset in args.presets:
-        model = serving.build(preset)
+        model = serving.build(preset, args.quant)
         engine = serving.make_engine(model, engine_args, max_num_seqs=4, max_model_len=1024)
         prompt = serving.random_prompts([PROMPT_LEN], model.config.vocab_size, 1)
         serving.run_engine(engine, prompt, [64])
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             serving.run_engine(engine, prompt, [32])
-        print(f"== {preset}: 32 tokens (the prefill and 31 decode steps)")
+        print(f"== {preset} ({args.quant or 'bf16'}): 32 tokens (the prefill and 31 decode steps)")
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
                                         max_name_column_width=70))
         if args.ttft:

@@ -50,11 +50,13 @@ def gemv_reference(x: torch.Tensor, weight: torch.Tensor,
 
 
 def round_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8 x `[M, K]`, fp32 scales `[M, 1]`): each row rounded to e4m3 with its own
-    dynamic scale `max|row| / 448` (floored at 1e-12 / 448)."""
+    """(e4m3 codes, fp32 scales `[M, 1]`) of x `[M, K]`: each row times the reciprocal of
+    its scale `max|row| * (1 / 448)` (floored), saturated, rounded to nearest. Products by
+    reciprocals, not divisions, so that the kernel rounds alike with one multiply each
+    (torch's division by a number is itself such a product on CUDA, a division on CPU)."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (xf / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * (1.0 / E4M3_MAX)
+    return (xf * (1.0 / scale)).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
 
 def dequantized(weight: torch.Tensor, weight_scale: torch.Tensor | None,
@@ -92,6 +94,30 @@ def _gemv_input(x_ptrs, x_mask, K, SWIGLU_INPUT: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_to_f32(codes):
+    """e4m3fn codes (not NaN) as fp32, by moving their bits into an fp32's: sign to bit 31,
+    exponent and mantissa to bits 20-26, then times 2^120 (the exponent biases' gap; exact,
+    subnormal codes included). Integer and one multiply, not the conversion unit."""
+    bits = codes.to(tl.uint8, bitcast=True).to(tl.uint32)
+    bits = ((bits & 0x80) << 24) | ((bits & 0x7F) << 20)
+    return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120
+
+
+@triton.jit
+def _codes_to_f32(w, CODES: tl.constexpr):
+    """A weight tile in fp32. CODES 0: float weights; 1: int8, through the float whose
+    mantissa holds the code plus 128 (2^23 + 128 + code, exact) less 2^23 + 128; 2: e4m3.
+    The conversion unit is a sixteenth of the integer and float units' rate, the bound of
+    a decode GEMV over one-byte codes."""
+    if CODES == 1:
+        biased = w.to(tl.int32) + 0x4B000080  # the bits of 2^23 + 128, plus the code
+        return biased.to(tl.float32, bitcast=True) - 8388736.0
+    if CODES == 2:
+        return _e4m3_to_f32(w)
+    return w.to(tl.float32)
+
+
+@triton.jit
 def _row_scales(x_ptrs, mask_m, K, SWIGLU_INPUT: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     """Each row's dynamic e4m3 scale `max|x_row| / 448` (floored), over all of K."""
@@ -101,18 +127,19 @@ def _row_scales(x_ptrs, mask_m, K, SWIGLU_INPUT: tl.constexpr, BLOCK_M: tl.const
         x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
                         SWIGLU_INPUT)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    return tl.maximum(amax, 1e-12) / 448.0  # E4M3_MAX
+    return tl.maximum(amax, 1e-12) * (1.0 / 448.0)  # as `round_rows_e4m3`
 
 
 @triton.jit
 def _gemv_kernel(X, W, S, B, OUT, M, N, K, stride_xm, stride_wn, stride_om,
                  HAS_BIAS: tl.constexpr, SWIGLU_INPUT: tl.constexpr, SCALE: tl.constexpr,
-                 QUANTIZE_X: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 CODES: tl.constexpr, QUANTIZE_X: tl.constexpr, USE_PDL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT[m, n] = sum_k in(X)[m, k] W[n, k] * s_n (+ B[n]); in(X) = X, or silu(X[:, :K]) *
     X[:, K:2K] rounded as the swiglu kernel rounds; s_n = 1 (SCALE 0), S[n] (SCALE 1, per
     output channel) or S[0] (SCALE 2, per tensor). With QUANTIZE_X each row of in(X) is
-    first rounded to e4m3 with its own scale, as `quantize_rows` does (W8A8).
+    first rounded to e4m3 with its own scale, as `quantize_rows` does (W8A8). CODES says
+    how W's elements become fp32 (`_codes_to_f32`).
 
     The weight tile of the next step is loaded before the input of this one. With USE_PDL
     (a programmatic dependent launch) the first weight tile is loaded before waiting for
@@ -131,17 +158,17 @@ def _gemv_kernel(X, W, S, B, OUT, M, N, K, stride_xm, stride_wn, stride_om,
         tl.extra.cuda.gdc_wait()
     if QUANTIZE_X:
         x_scale = _row_scales(x_ptrs, mask_m, K, SWIGLU_INPUT, BLOCK_M, BLOCK_K)
+        x_inverse = tl.div_rn(1.0, x_scale)[:, None]  # IEEE, as torch's 1 / scale
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
                         SWIGLU_INPUT)
         if QUANTIZE_X:
-            x = tl.clamp(tl.div_rn(x, x_scale[:, None]), -448.0, 448.0)  # IEEE, as torch
-            x = x.to(tl.float8e4nv).to(tl.float32)
+            x = _e4m3_to_f32(tl.clamp(x * x_inverse, -448.0, 448.0).to(tl.float8e4nv))
         w_next = tl.load(w_ptrs + k0 + BLOCK_K,
                          mask=mask_n[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :],
                          other=0.0)
-        acc += x[:, None, :] * w.to(tl.float32)[None, :, :]
+        acc += x[:, None, :] * _codes_to_f32(w, CODES)[None, :, :]
         w = w_next
     out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if QUANTIZE_X:
@@ -224,7 +251,8 @@ def gemv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         x, weight, weight_scale if weight_scale is not None else out,
         bias if bias is not None else out, out, m, n, k, x.stride(0), weight.stride(0),
         out.stride(0), HAS_BIAS=bias is not None, SWIGLU_INPUT=swiglu_input,
-        SCALE=scale_mode, QUANTIZE_X=quantize_input, USE_PDL=pdl,
+        SCALE=scale_mode, CODES=CODE_DTYPES.index(weight.dtype) + 1 if scale_mode else 0,
+        QUANTIZE_X=quantize_input, USE_PDL=pdl,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, launch_pdl=pdl)
     return out

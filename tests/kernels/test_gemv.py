@@ -101,6 +101,35 @@ def check_scaled_gemv(rows, n, k, dtype, device, code, quantize_input, swiglu_in
     assert_close(out, expected, dtype)
 
 
+def every_code(dtype: torch.dtype) -> torch.Tensor:
+    """Every int8 code, or every e4m3fn code but NaN (subnormals, zeros of both signs and
+    +-448 included)."""
+    if dtype == torch.int8:
+        return torch.arange(-128, 128, dtype=torch.int16).to(torch.int8)
+    patterns = torch.arange(256, dtype=torch.int16).to(torch.uint8)
+    codes = patterns.view(torch.float8_e4m3fn)
+    return codes[~codes.float().isnan()]
+
+
+def check_every_code(code_dtype, device, quantize_input=False):
+    """One-hot fp32 rows pick single weights, so each output is one code times its scale:
+    exactly the dequantised value for every code the weights can hold. With
+    `quantize_input` each row's one value is its maximum, 448 times its scale 1 / 448, and
+    the output is the code times 448, times that scale, times the weight's (in that order,
+    in fp32)."""
+    codes = every_code(code_dtype)
+    k = kernels.MAX_ROWS
+    weight = codes.repeat(-(-k * 64 // codes.numel()))[:k * 64].reshape(64, k).to(device)
+    scale = torch.rand(64, device=device) + 0.5
+    x = torch.eye(k, device=device)
+    out = kernels.gemv_forward(x, weight, weight_scale=scale, quantize_input=quantize_input)
+    expected = weight.float()
+    if quantize_input:
+        expected = expected * 448.0 * (torch.ones((), device=device) / 448.0)
+    expected = (expected * scale[:, None]).T
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def check_ops_on_views(dtype, device, codes=("int8",)):
     """The ops on leading dims and on row-strided views (the columns of a wider tensor), and
     "swiglu_gemv" with `codes` (the interpreter leaves out the e4m3-rounded inputs: see
@@ -152,6 +181,11 @@ def test_scaled_gemv_interpreted(interpreter, rows, n, k, code, quantize_input,
                                  swiglu_input):
     interpreter.run(check_scaled_gemv, rows, n, k, torch.float32, "cpu", code,
                     quantize_input, swiglu_input, False, True)
+
+
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_every_code_interpreted(interpreter, code_dtype):
+    interpreter.run(check_every_code, code_dtype, "cpu", code_dtype != torch.int8)
 
 
 def test_ops_on_views_interpreted(interpreter):
@@ -219,6 +253,13 @@ def test_gemv_gpu(rows, n, k, dtype, pdl):
 def test_scaled_gemv_gpu(rows, n, k, dtype, code, quantize_input, swiglu_input):
     check_scaled_gemv(rows, n, k, dtype, "cuda", code, quantize_input, swiglu_input,
                       pdl=use_pdl(torch.device("cuda")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize_input", [False, True])
+@pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_every_code_gpu(code_dtype, quantize_input):
+    check_every_code(code_dtype, "cuda", quantize_input)
 
 
 @pytest.mark.gpu
