@@ -7,7 +7,9 @@ Random-weight bf16 models of real shapes (speed does not depend on the weight va
 `LLMEngine` (paged KV cache, continuous batching, CUDA-graph decode). Suites:
 
 - `decode`: one request at a time, 128 random prompt tokens, exactly 256 generated (EOS
-  ignored), for bf16 and the int8 and FP8 weight-only quantized model. Figures: generated
+  ignored), for bf16 and the `--quant` variants: int8 weight-only, FP8 with per-token
+  e4m3 activations (W8A8, the `fp8` default) and `fp8-weight` (FP8 weights, activations
+  left in bf16). Figures: generated
   tokens over the request's wall time (the definition of the transformers baseline, which
   includes the prefill) and the decode rate alone (1 / mean inter-token time). Roofline:
   the bf16 weights' bytes over the measured device-to-device copy bandwidth.
@@ -51,8 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-shape", default="llama-3.2-1b")
     parser.add_argument("--openloop-shape", default="qwen3-0.6b")
     parser.add_argument("--openloop-requests", type=int, default=256)
-    parser.add_argument("--quant", nargs="*", default=["int8", "fp8"],
-                        help="quantized variants for the decode suite")
+    parser.add_argument("--quant", nargs="*", default=["int8", "fp8", "fp8-weight"],
+                        help="quantized variants for the decode suite: a quantize_model "
+                        f"method or one of {sorted(QUANT_VARIANTS)}")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--no-fuse-projections", dest="fuse_projections",
@@ -84,13 +87,18 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / sorted(times[5:])[len(times[5:]) // 2]
 
 
+# variant name -> (quantize_model method, QuantConfig options); other names are methods
+QUANT_VARIANTS = {"fp8-weight": ("fp8", {"activations": "none"})}
+
+
 def build(preset: str, quant: str | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(get_preset(preset), device="cuda", dtype=torch.bfloat16).eval()
     if quant:
         from tessera.quant import quantize_model
 
-        quantize_model(model, quant)
+        method, options = QUANT_VARIANTS.get(quant, (quant, {}))
+        quantize_model(model, method, **options)
     return model
 
 

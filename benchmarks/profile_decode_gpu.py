@@ -77,8 +77,9 @@ def main() -> None:
     parser.add_argument("--ttft", action="store_true", help="also the time to first token")
     parser.add_argument("--no-gemv", dest="gemv_products", action="store_false",
                         help="decode products by cuBLAS, not the few-row GEMV kernel")
-    parser.add_argument("--quant", default=None, choices=["int8", "int4", "awq", "fp8"],
-                        help="quantize the model's layers with this method first")
+    parser.add_argument("--quant", default=None,
+                        choices=["int8", "int4", "awq", "fp8", *serving.QUANT_VARIANTS],
+                        help="quantize the model's layers with this method (or variant)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode_gpu.py needs a CUDA device")

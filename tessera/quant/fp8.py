@@ -8,7 +8,7 @@ is at most 2**-4.
 Op "fp8_matmul": `fp8_matmul(x, weight, weight_scale, quantize_activations) -> out`, x
 `[..., K]`, weight float8_e4m3fn `[N, K]`, weight_scale fp32 `[N]` or `[1]`; out in x's dtype.
 With `quantize_activations`, each row (token) of x is first rounded to e4m3 with its own
-dynamic scale `max|x_row| / 448` (W8A8); without, only the weight is quantized.
+dynamic scale `max|x_row| * (1 / 448)` (W8A8); without, only the weight is quantized.
 
 - reference (every device): dequantise weight (and activations) into x's dtype, matmul.
 - `scaled_mm` (CUDA capability >= 8.9, bf16/fp16 activations, K and N multiples of 16,
