@@ -36,6 +36,8 @@ from _common import add_speedups, graph_ms, kernel_bench_main  # noqa: E402  (be
 from tessera.kernels._triton import use_pdl  # noqa: E402
 from tessera.kernels.gemv import dequantized, gemv_forward, gemv_tile  # noqa: E402
 from tessera.kernels.swiglu import swiglu  # noqa: E402
+from tessera.quant.fp8 import quantize_fp8  # noqa: E402
+from tessera.quant.int8 import quantize_int8  # noqa: E402
 
 # name -> (N, K) per preset: one layer's fused qkv, o, fused gate/up and down products
 LAYERS = {
@@ -95,10 +97,8 @@ def weight_copies(n: int, k: int, weights: str) -> list[tuple]:
         if code_dtype is None:
             found.append((w16, w16, None))
             continue
-        limit = 127.0 if code_dtype == torch.int8 else 448.0
-        scale = (w16.float().abs().amax(dim=1) / limit).clamp(min=1e-12)
-        codes = (w16.float() / scale[:, None]).clamp(-limit, limit)
-        codes = codes.round().to(code_dtype) if code_dtype == torch.int8 else codes.to(code_dtype)
+        codes, scale = (quantize_int8(w16) if code_dtype == torch.int8
+                        else quantize_fp8(w16, per_channel=True))
         found.append((codes, dequantized(codes, scale, torch.bfloat16), scale))
     return found
 
