@@ -42,6 +42,8 @@ from tessera.serve.sampling_params import SamplingParams
 
 DECODE_PROMPT, DECODE_NEW = 128, 256
 BATCH, BATCH_PROMPT, BATCH_NEW = 64, 128, 256
+# variant name -> (quantize_model method, QuantConfig options); other names are methods
+QUANT_VARIANTS = {"fp8-weight": ("fp8", {"activations": "none"})}
 
 
 def parse_args() -> argparse.Namespace:
@@ -85,10 +87,6 @@ def copy_bandwidth() -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return 2 * x.numel() / sorted(times[5:])[len(times[5:]) // 2]
-
-
-# variant name -> (quantize_model method, QuantConfig options); other names are methods
-QUANT_VARIANTS = {"fp8-weight": ("fp8", {"activations": "none"})}
 
 
 def build(preset: str, quant: str | None = None) -> torch.nn.Module:
