@@ -1,5 +1,5 @@
 """Matrix products of a few rows (decode steps), without tensor cores, optionally with the
-SwiGLU activation applied to the input on the fly.
+SwiGLU activation or the RMSNorm before them applied to the input on the fly.
 
 Ops:
 - "gemv": `gemv(x, weight, bias=None) -> x @ weight.T (+ bias)` for x `[..., K]`, weight
@@ -10,19 +10,27 @@ Ops:
   `weight`, or int8 / e4m3 codes times `weight_scale` (per output channel or per tensor;
   with `quantize_input` the activation rows are first rounded to e4m3, FP8 W8A8): the
   MLP's activation and its down projection in one launch.
+- "norm_gemv": `norm_gemv(x, residual, norm_weight, eps, weight, bias=None,
+  weight_scale=None, quantize_input=False) -> (rms_norm(x + residual) @ W.T (+ bias),
+  x + residual)` (x alone for a None residual), W as for "swiglu_gemv": a pre-norm block's
+  residual add, its norm and the projection after them in one launch.
 
-Torch references: `F.linear`, and the `swiglu` reference followed by `F.linear` on the
-dequantised weight (the activation rounded through e4m3 with `quantize_input`).
+Torch references: `F.linear`; the `swiglu` reference, or the `rms_norm` / `add_rms_norm`
+reference, followed by `F.linear` on the dequantised weight (the activation rounded
+through e4m3 with `quantize_input`).
 
 Triton kernel: each program owns BLOCK_N output channels for every row; it streams
 `[BLOCK_N, BLOCK_K]` weight tiles along their contiguous K, multiplies them elementwise by
 the rows' `[BLOCK_M, BLOCK_K]` inputs in fp32 and reduces over K once, after the loop. With
 the SwiGLU input it loads the gate and up halves and rounds `silu(gate)` and the product to
 the input dtype where the `swiglu` kernel does, so the result equals the two-op path up to
-the order of the fp32 sums. At decode sizes a product is bounded by launch latency more than
-by bytes (SmolLM2's are 0.7-3.5 MB); this kernel's single pass with no epilogue kernel is
-what it is for. Where cuBLAS measured faster (more rows, larger weights: `prefers_gemv`)
-the op runs cuBLAS. There is no backward (inference only).
+the order of the fp32 sums. With the norm, every program sums the squares of its rows
+itself (a row is a few KB, read again from cache) and rounds as the `rms_norm` kernel
+does; the first program writes the rows' sum with the residual. At decode sizes a product
+is bounded by launch latency more than by bytes (SmolLM2's are 0.7-3.5 MB); this kernel's
+single pass with no epilogue kernel, and no norm kernel before it, is what it is for.
+Where cuBLAS measured faster (more rows, larger weights: `prefers_gemv`) the op runs
+cuBLAS. There is no backward (inference only).
 
 On Hopper and later it is a programmatic dependent launch: it loads its first weight tile
 before waiting for the kernel before it, so that the load overlaps that kernel's end.
@@ -30,11 +38,14 @@ before waiting for the kernel before it, so that the load overlaps that kernel's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from tessera.kernels import registry
 from tessera.kernels._triton import HAS_TRITON, interpreting, tl, triton, use_pdl
+from tessera.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
 from tessera.kernels.swiglu import swiglu_reference
 
 MAX_ROWS = 8  # rows per launch; more rows go to cuBLAS (a GEMM's job)
@@ -67,23 +78,61 @@ def dequantized(weight: torch.Tensor, weight_scale: torch.Tensor | None,
     return (weight.float() * weight_scale.float().reshape(-1, 1)).to(dtype)
 
 
+def _product_reference(activation: torch.Tensor, weight: torch.Tensor,
+                       weight_scale: torch.Tensor | None, quantize_input: bool,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`activation @ W.T (+ bias)` on the dequantised weight, the activation's rows rounded
+    through e4m3 first with `quantize_input`."""
+    if quantize_input:
+        codes, scale = round_rows_e4m3(activation.reshape(-1, activation.shape[-1]))
+        activation = (codes.float() * scale).to(activation.dtype).reshape(activation.shape)
+    return F.linear(activation, dequantized(weight, weight_scale, activation.dtype), bias)
+
+
 def swiglu_gemv_reference(gate_up: torch.Tensor, weight: torch.Tensor,
                           weight_scale: torch.Tensor | None = None,
                           quantize_input: bool = False) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
-    activation = swiglu_reference(gate, up)
-    if quantize_input:
-        codes, scale = round_rows_e4m3(activation.reshape(-1, activation.shape[-1]))
-        activation = (codes.float() * scale).to(gate_up.dtype).reshape(activation.shape)
-    return F.linear(activation, dequantized(weight, weight_scale, gate_up.dtype))
+    return _product_reference(swiglu_reference(gate, up), weight, weight_scale,
+                              quantize_input)
+
+
+def norm_gemv_reference(x: torch.Tensor, residual: torch.Tensor | None,
+                        norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None,
+                        weight_scale: torch.Tensor | None = None,
+                        quantize_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    if residual is None:
+        normed, stream = rms_norm_reference(x, norm_weight, eps), x
+    else:
+        normed, stream = add_rms_norm_reference(x, residual, norm_weight, eps)
+    return _product_reference(normed, weight, weight_scale, quantize_input, bias), stream
 
 
 # ---------------------------------------------------------------------------- kernel
 
 
 @triton.jit
-def _gemv_input(x_ptrs, x_mask, K, SWIGLU_INPUT: tl.constexpr):
-    """One `[BLOCK_M, BLOCK_K]` input tile in fp32: X's, or the SwiGLU of its halves."""
+def _summed_input(x_ptrs, r_ptrs, x_mask, HAS_RESIDUAL: tl.constexpr):
+    """An input tile of X, or of X + R rounded to X's dtype (the residual stream)."""
+    x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptrs, mask=x_mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _gemv_input(x_ptrs, x_mask, K, r_ptrs, g_ptrs, rstd, SWIGLU_INPUT: tl.constexpr,
+                NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """One `[BLOCK_M, BLOCK_K]` input tile in fp32: X's; the SwiGLU of its halves; or the
+    RMSNorm of X (+ R) with the rows' `rstd` and the norm weight at `g_ptrs`, rounded where
+    the `rms_norm` kernel rounds (the normalised row, then its product by the weight)."""
+    if NORM_INPUT:
+        x = _summed_input(x_ptrs, r_ptrs, x_mask, HAS_RESIDUAL)
+        g = tl.load(g_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+        normed = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+        return (normed * g).to(x.dtype).to(tl.float32)
     x = tl.load(x_ptrs, mask=x_mask, other=0.0)
     if SWIGLU_INPUT:
         up = tl.load(x_ptrs + K, mask=x_mask, other=0.0)
@@ -91,6 +140,25 @@ def _gemv_input(x_ptrs, x_mask, K, SWIGLU_INPUT: tl.constexpr):
         silu = (gate * tl.sigmoid(gate)).to(x.dtype).to(tl.float32)
         x = (silu * up.to(tl.float32)).to(up.dtype)
     return x.to(tl.float32)
+
+
+@triton.jit
+def _norm_rstd(x_ptrs, r_ptrs, ro_ptrs, mask_m, K, eps, HAS_RESIDUAL: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Each row's `1 / sqrt(mean((X + R)^2) + eps)` over all of K. The first program also
+    writes the rounded sum X + R (the residual stream after the add) at `ro_ptrs`."""
+    offs_k = tl.arange(0, BLOCK_K)
+    is_writer = tl.program_id(0) == 0
+    squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = mask_m[:, None] & (k0 + offs_k < K)[None, :]
+        x = _summed_input(x_ptrs + k0, r_ptrs + k0, mask, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            if is_writer:
+                tl.store(ro_ptrs + k0, x, mask=mask)
+        xf = x.to(tl.float32)
+        squares += xf * xf
+    return tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
 
 
 @triton.jit
@@ -118,28 +186,34 @@ def _codes_to_f32(w, CODES: tl.constexpr):
 
 
 @triton.jit
-def _row_scales(x_ptrs, mask_m, K, SWIGLU_INPUT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _row_scales(x_ptrs, mask_m, K, r_ptrs, g_ptrs, rstd, SWIGLU_INPUT: tl.constexpr,
+                NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_K: tl.constexpr):
-    """Each row's dynamic e4m3 scale `max|x_row| / 448` (floored), over all of K."""
+    """Each row's dynamic e4m3 scale `max|in(x)_row| / 448` (floored), over all of K."""
     offs_k = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
-                        SWIGLU_INPUT)
+                        r_ptrs + k0, g_ptrs + k0, rstd, SWIGLU_INPUT, NORM_INPUT,
+                        HAS_RESIDUAL)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
     return tl.maximum(amax, 1e-12) * (1.0 / 448.0)  # as `round_rows_e4m3`
 
 
 @triton.jit
-def _gemv_kernel(X, W, S, B, OUT, M, N, K, stride_xm, stride_wn, stride_om,
-                 HAS_BIAS: tl.constexpr, SWIGLU_INPUT: tl.constexpr, SCALE: tl.constexpr,
-                 CODES: tl.constexpr, QUANTIZE_X: tl.constexpr, USE_PDL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """OUT[m, n] = sum_k in(X)[m, k] W[n, k] * s_n (+ B[n]); in(X) = X, or silu(X[:, :K]) *
-    X[:, K:2K] rounded as the swiglu kernel rounds; s_n = 1 (SCALE 0), S[n] (SCALE 1, per
-    output channel) or S[0] (SCALE 2, per tensor). With QUANTIZE_X each row of in(X) is
-    first rounded to e4m3 with its own scale, as `quantize_rows` does (W8A8). CODES says
-    how W's elements become fp32 (`_codes_to_f32`).
+def _gemv_kernel(X, W, S, B, OUT, R, G, RO, M, N, K, stride_xm, stride_wn, stride_om,
+                 stride_rm, stride_rom, eps, HAS_BIAS: tl.constexpr,
+                 SWIGLU_INPUT: tl.constexpr, NORM_INPUT: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, SCALE: tl.constexpr, CODES: tl.constexpr,
+                 QUANTIZE_X: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[m, n] = sum_k in(X)[m, k] W[n, k] * s_n (+ B[n]); in(X) = X; or silu(X[:, :K]) *
+    X[:, K:2K] rounded as the swiglu kernel rounds; or (NORM_INPUT) the RMSNorm of X (+ R)
+    with weight G, rounded as the rms_norm kernel rounds, each program normalising the rows
+    itself and the first writing X + R to RO. s_n = 1 (SCALE 0), S[n] (SCALE 1, per output
+    channel) or S[0] (SCALE 2, per tensor). With QUANTIZE_X each row of in(X) is first
+    rounded to e4m3 with its own scale, as `quantize_rows` does (W8A8). CODES says how W's
+    elements become fp32 (`_codes_to_f32`).
 
     The weight tile of the next step is loaded before the input of this one. With USE_PDL
     (a programmatic dependent launch) the first weight tile is loaded before waiting for
@@ -153,16 +227,25 @@ def _gemv_kernel(X, W, S, B, OUT, M, N, K, stride_xm, stride_wn, stride_om,
     mask_n, mask_m = offs_n < N, offs_m < M
     w_ptrs = W + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = X + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    r_ptrs = R + offs_m.to(tl.int64)[:, None] * stride_rm + offs_k[None, :]
+    g_ptrs = G + offs_k[None, :]
     w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if NORM_INPUT:
+        ro_ptrs = RO + offs_m.to(tl.int64)[:, None] * stride_rom + offs_k[None, :]
+        rstd = _norm_rstd(x_ptrs, r_ptrs, ro_ptrs, mask_m, K, eps, HAS_RESIDUAL, BLOCK_M,
+                          BLOCK_K)
     if QUANTIZE_X:
-        x_scale = _row_scales(x_ptrs, mask_m, K, SWIGLU_INPUT, BLOCK_M, BLOCK_K)
+        x_scale = _row_scales(x_ptrs, mask_m, K, r_ptrs, g_ptrs, rstd, SWIGLU_INPUT,
+                              NORM_INPUT, HAS_RESIDUAL, BLOCK_M, BLOCK_K)
         x_inverse = tl.div_rn(1.0, x_scale)[:, None]  # IEEE, as torch's 1 / scale
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
-                        SWIGLU_INPUT)
+                        r_ptrs + k0, g_ptrs + k0, rstd, SWIGLU_INPUT, NORM_INPUT,
+                        HAS_RESIDUAL)
         if QUANTIZE_X:
             x = _e4m3_to_f32(tl.clamp(x * x_inverse, -448.0, 448.0).to(tl.float8e4nv))
         w_next = tl.load(w_ptrs + k0 + BLOCK_K,
@@ -218,18 +301,41 @@ def _check_weight(x: torch.Tensor, weight: torch.Tensor,
     return 1 if weight_scale.numel() == n and n > 1 else 2
 
 
+@dataclass(frozen=True)
+class NormInput:
+    """The RMSNorm a GEMV applies to its input rows first: `norm(x + residual)` with the
+    norm's `weight` and `eps` (x alone when `residual` is None), writing the sum to
+    `residual_out`."""
+
+    weight: torch.Tensor  # [K], x's dtype
+    eps: float
+    residual: torch.Tensor | None = None  # [M, K], x's dtype, unit stride on K
+    residual_out: torch.Tensor | None = None  # [M, K], written; needed with `residual`
+
+
+def _check_norm(x: torch.Tensor, norm: NormInput) -> None:
+    k = x.shape[1]
+    assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype and \
+        norm.weight.is_contiguous(), f"norm weight: expected {x.dtype} ({k},)"
+    for name in ("residual", "residual_out"):
+        t = getattr(norm, name)
+        assert (t is None) == (norm.residual is None), "residual and residual_out go together"
+        assert t is None or (t.shape == x.shape and t.dtype == x.dtype and t.stride(1) == 1), \
+            f"{name}: expected {x.dtype} {tuple(x.shape)} with unit stride"
+
+
 def gemv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  *, weight_scale: torch.Tensor | None = None, quantize_input: bool = False,
-                 swiglu_input: bool = False, out: torch.Tensor | None = None,
-                 tile: tuple[int, int, int] | None = None,
+                 swiglu_input: bool = False, norm: NormInput | None = None,
+                 out: torch.Tensor | None = None, tile: tuple[int, int, int] | None = None,
                  pdl: bool | None = None) -> torch.Tensor:
     """Launch on 2-D x `[M, K]` (`[M, 2K]` with `swiglu_input`) with unit stride along K.
 
     weight: x's dtype, or int8 / float8_e4m3fn codes with `weight_scale` (fp32, per output
     channel `[N]` or per tensor `[1]`); `quantize_input` rounds each input row to e4m3
-    with a dynamic scale first (FP8 W8A8). `tile` = (BLOCK_N, BLOCK_K, num_warps) overrides
-    the default; `pdl` (default: `use_pdl`) launches it as a programmatic dependent
-    launch."""
+    with a dynamic scale first (FP8 W8A8). With `norm` the input is first normalised (see
+    `NormInput`). `tile` = (BLOCK_N, BLOCK_K, num_warps) overrides the default; `pdl`
+    (default: `use_pdl`) launches it as a programmatic dependent launch."""
     assert x.dim() == 2 and weight.dim() == 2, "x and weight must be matrices"
     m = x.shape[0]
     n, k = weight.shape
@@ -237,21 +343,30 @@ def gemv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     assert 0 < m <= MAX_ROWS, f"x: {m} rows, expected 1..{MAX_ROWS}"
     assert x.shape[1] == width, f"x: {x.shape[1]} columns, expected {width}"
     assert x.dtype in FLOAT_DTYPES, f"x {x.dtype}: expected one of {FLOAT_DTYPES}"
+    assert not (norm and swiglu_input), "one input transform: the norm or the SwiGLU"
     scale_mode = _check_weight(x, weight, weight_scale)
     assert x.stride(1) == 1 and weight.stride(1) == 1, "x and weight need unit stride on K"
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous()), "bias: expected (N,)"
     assert weight.device == x.device, f"weight is on {weight.device}, x on {x.device}"
+    if norm is not None:
+        _check_norm(x, norm)
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.stride(1) == 1, \
         f"out: {out.dtype} {tuple(out.shape)}, expected {x.dtype} ({m}, {n}) with unit stride"
     block_n, block_k, num_warps = tile or gemv_tile(n, k)
     pdl = use_pdl(x.device) if pdl is None else pdl
+    residual = norm.residual if norm is not None and norm.residual is not None else x
+    residual_out = norm.residual_out if norm is not None and norm.residual is not None else x
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight_scale if weight_scale is not None else out,
-        bias if bias is not None else out, out, m, n, k, x.stride(0), weight.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, SWIGLU_INPUT=swiglu_input,
-        SCALE=scale_mode, CODES=CODE_DTYPES.index(weight.dtype) + 1 if scale_mode else 0,
+        bias if bias is not None else out, out, residual,
+        norm.weight if norm is not None else x, residual_out, m, n, k, x.stride(0),
+        weight.stride(0), out.stride(0), residual.stride(0), residual_out.stride(0),
+        norm.eps if norm is not None else 0.0, HAS_BIAS=bias is not None,
+        SWIGLU_INPUT=swiglu_input, NORM_INPUT=norm is not None,
+        HAS_RESIDUAL=norm is not None and norm.residual is not None, SCALE=scale_mode,
+        CODES=CODE_DTYPES.index(weight.dtype) + 1 if scale_mode else 0,
         QUANTIZE_X=quantize_input, USE_PDL=pdl,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, launch_pdl=pdl)
@@ -300,8 +415,38 @@ def swiglu_gemv(gate_up: torch.Tensor, weight: torch.Tensor,
     return out.reshape(*gate_up.shape[:-1], weight.shape[0])
 
 
+def norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+              eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              weight_scale: torch.Tensor | None = None,
+              quantize_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(norm(x + residual) @ W.T (+ bias), x + residual)` on x of any leading shape (x
+    alone for the stream when `residual` is None): one kernel launch where
+    `takes_few_row_kernel`; otherwise the device's norm op, then the product as
+    `swiglu_gemv` computes it."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if not takes_few_row_kernel(rows, weight, quantized=weight_scale is not None):
+        if residual is None:
+            normed, stream = registry.get("rms_norm", x.device)(x, norm_weight, eps), x
+        else:
+            normed, stream = registry.get("add_rms_norm", x.device)(x, residual, norm_weight,
+                                                                    eps)
+        if weight_scale is None:
+            return F.linear(normed, weight, bias), stream
+        return _product_reference(normed, weight, weight_scale, quantize_input, bias), stream
+    x_rows = _rows(x)
+    stream = x if residual is None else torch.empty_like(x_rows)
+    norm = NormInput(norm_weight.contiguous(), eps,
+                     None if residual is None else _rows(residual),
+                     None if residual is None else stream)
+    out = gemv_forward(x_rows, weight.contiguous(), bias, weight_scale=weight_scale,
+                       quantize_input=quantize_input, norm=norm)
+    return out.reshape(*x.shape[:-1], weight.shape[0]), stream.reshape(x.shape)
+
+
 registry.register("gemv", "torch", gemv_reference, reference=True)
 registry.register("swiglu_gemv", "torch", swiglu_gemv_reference, reference=True)
+registry.register("norm_gemv", "torch", norm_gemv_reference, reference=True)
 if HAS_TRITON:
     registry.register("gemv", "triton", gemv, supports=registry.on_cuda)
     registry.register("swiglu_gemv", "triton", swiglu_gemv, supports=registry.on_cuda)
+    registry.register("norm_gemv", "triton", norm_gemv, supports=registry.on_cuda)

@@ -82,6 +82,19 @@ class SharedInputProjection(nn.Module):
             [None] * len(self.sizes)
         return [linear_of(w, b) for w, b in zip(weights, biases, strict=True)]
 
+    def prime(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        """Take `output` as the product of x, computed elsewhere (`gemv_products.py` computes
+        it with the norm before it); the members called with x read it."""
+        self._input, self._output = x, output
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole product of x (the primed one, released, when x is the primed input)."""
+        if self._input is not x:
+            return self.compute(x)
+        out = self._output
+        self._input = self._output = None
+        return out
+
     def member(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if self._input is not x:
             self._input, self._output = x, self.compute(x)

@@ -101,6 +101,42 @@ def check_scaled_gemv(rows, n, k, dtype, device, code, quantize_input, swiglu_in
     assert_close(out, expected, dtype)
 
 
+def check_norm_gemv(rows, n, k, dtype, device, code, with_residual, quantize_input=False,
+                    pdl=False):
+    """The RMSNorm of x (+ residual) as the `add_rms_norm` / `rms_norm` references round it
+    (in dtype), then the product against float64 (float weight, or codes and scales); the
+    stream x + residual written exactly, every element of it."""
+    from tessera.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
+    from tessera.quant.fp8 import quantize_rows
+
+    x, weight = make_operands(rows, n, k, dtype, device)
+    x = 2 * x + 0.5  # a row mean far from zero: the squares' sum matters
+    residual = torch.randn(rows, k, device=device).to(dtype) if with_residual else None
+    norm_weight = (torch.rand(k, device=device) + 0.5).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if rows == 3 else None
+    if residual is None:
+        normed, stream = rms_norm_reference(x, norm_weight, 1e-5), x
+    else:
+        normed, stream = add_rms_norm_reference(x, residual, norm_weight, 1e-5)
+    if code is None:
+        codes, scale, dequantized = weight, None, weight.double()
+    else:
+        codes, scale = quantized(weight.float(), code)
+        dequantized = codes.double() * (scale.double()[:, None] if scale.numel() > 1 else scale)
+    if quantize_input:
+        row_codes, row_scales = quantize_rows(normed)
+        normed = row_codes.double() * row_scales.double()
+    expected = normed.double() @ dequantized.T + (bias.double() if bias is not None else 0)
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device=device)
+    residual_out = torch.full_like(x, float("nan")) if with_residual else None
+    norm = kernels.NormInput(norm_weight, 1e-5, residual, residual_out)
+    kernels.gemv_forward(x, codes, bias, weight_scale=scale, quantize_input=quantize_input,
+                         norm=norm, out=out, pdl=pdl)
+    assert_close(out, expected, dtype)
+    if with_residual:
+        assert torch.equal(residual_out, stream)
+
+
 def every_code(dtype: torch.dtype) -> torch.Tensor:
     """Every int8 code, or every e4m3fn code but NaN (subnormals, zeros of both signs and
     +-448 included)."""
@@ -153,6 +189,15 @@ def check_ops_on_views(dtype, device, codes=("int8",)):
         expected = kernels.swiglu_gemv_reference(gate_up, weight, scale, quantize_input)
         assert out.shape == (1, 2, 9)
         assert_close(out, expected.double(), dtype)
+    residual, norm_weight = torch.randn_like(x), torch.rand(40, device=device).to(dtype)
+    projection = torch.randn(7, 40, device=device).to(dtype)
+    for res in (residual, None):  # the norm op, with and without a residual
+        out, stream = kernels.norm_gemv(x, res, norm_weight, 1e-6, projection)
+        expected, expected_stream = kernels.norm_gemv_reference(x, res, norm_weight, 1e-6,
+                                                                projection)
+        assert out.shape == (2, 3, 7) and stream.shape == x.shape
+        assert_close(out, expected.double(), dtype)
+        assert torch.equal(stream, expected_stream)
 
 
 # ---------------------------------------------------------------------------- interpreter
@@ -183,6 +228,16 @@ def test_scaled_gemv_interpreted(interpreter, rows, n, k, code, quantize_input,
                     quantize_input, swiglu_input, False, True)
 
 
+# (codes, a residual); the interpreter leaves out W8A8 (see `without_binade_carries`)
+NORMED = [(None, True), (None, False), ("int8", True), ("fp8-channel", False)]
+
+
+@pytest.mark.parametrize("code, with_residual", NORMED)
+@pytest.mark.parametrize("rows, n, k", SMALL)
+def test_norm_gemv_interpreted(interpreter, rows, n, k, code, with_residual):
+    interpreter.run(check_norm_gemv, rows, n, k, torch.float32, "cpu", code, with_residual)
+
+
 @pytest.mark.parametrize("code_dtype", [torch.int8, torch.float8_e4m3fn])
 def test_every_code_interpreted(interpreter, code_dtype):
     interpreter.run(check_every_code, code_dtype, "cpu", code_dtype != torch.int8)
@@ -204,6 +259,14 @@ def test_launcher_refuses_what_it_cannot_do():
         kernels.gemv_forward(x[:2], weight, weight_scale=torch.ones(4))  # float "codes"
     with pytest.raises(AssertionError, match="weight_scale"):
         kernels.gemv_forward(x[:2], weight.to(torch.int8), weight_scale=torch.ones(3))
+    norm = kernels.NormInput(torch.ones(16), 1e-6)
+    with pytest.raises(AssertionError, match="one input transform"):
+        kernels.gemv_forward(torch.randn(2, 32), weight, swiglu_input=True, norm=norm)
+    with pytest.raises(AssertionError, match="norm weight"):
+        kernels.gemv_forward(x[:2], weight, norm=kernels.NormInput(torch.ones(15), 1e-6))
+    with pytest.raises(AssertionError, match="go together"):
+        kernels.gemv_forward(x[:2], weight, norm=kernels.NormInput(torch.ones(16), 1e-6,
+                                                                   residual=x[:2]))
 
 
 def test_more_rows_larger_weights_and_autograd_take_the_plain_product():
@@ -227,7 +290,7 @@ def test_more_rows_larger_weights_and_autograd_take_the_plain_product():
 
 def test_registry_picks_triton_on_cuda_only():
     pytest.importorskip("triton")
-    for name in ("gemv", "swiglu_gemv"):
+    for name in ("gemv", "swiglu_gemv", "norm_gemv"):
         assert registry.select(name, "cuda").backend == "triton"
         assert registry.select(name, "cpu").backend == "torch"
 
@@ -253,6 +316,17 @@ def test_gemv_gpu(rows, n, k, dtype, pdl):
 def test_scaled_gemv_gpu(rows, n, k, dtype, code, quantize_input, swiglu_input):
     check_scaled_gemv(rows, n, k, dtype, "cuda", code, quantize_input, swiglu_input,
                       pdl=use_pdl(torch.device("cuda")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("code, with_residual", NORMED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, n, k", LARGE)
+def test_norm_gemv_gpu(rows, n, k, dtype, code, with_residual):
+    check_norm_gemv(rows, n, k, dtype, "cuda", code, with_residual,
+                    pdl=use_pdl(torch.device("cuda")))
+    if code == "fp8-channel":  # W8A8: the normed rows rounded to e4m3 in the kernel
+        check_norm_gemv(rows, n, k, dtype, "cuda", code, with_residual, quantize_input=True)
 
 
 @pytest.mark.gpu

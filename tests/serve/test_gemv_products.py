@@ -8,14 +8,20 @@ import pytest
 import torch
 
 from tessera.errors import ConfigError
-from tessera.model.fused_projections import fuse_projections, is_fused
+from tessera.model.fused_projections import (
+    MLP_GROUP,
+    fuse_projections,
+    is_fused,
+    unfuse_group,
+)
 from tessera.model.gemv_products import (
     GemvLinear,
+    NormGemvLayer,
     SwiGLUDownMLP,
     undo_gemv_products,
     use_gemv_products,
 )
-from tessera.model.transformer import MLP
+from tessera.model.transformer import MLP, DecoderLayer
 from tessera.quant import quantize_model
 from tessera.serve.config import EngineConfig
 
@@ -25,7 +31,8 @@ IDS = torch.randint(2, 256, (3, 11), generator=torch.Generator().manual_seed(0))
 
 
 def uses_gemv(model) -> bool:
-    return any(isinstance(m, (GemvLinear, SwiGLUDownMLP)) for m in model.modules())
+    return any(isinstance(m, (GemvLinear, SwiGLUDownMLP, NormGemvLayer))
+               for m in model.modules())
 
 
 @pytest.mark.parametrize("fuse", [False, True])
@@ -34,12 +41,14 @@ def test_gemv_products_give_the_same_logits_and_state_dict(fuse):
     if fuse:
         fuse_projections(changed)
     expected_state = changed.state_dict()
-    # fused: two groups' products, o and down as GemvLinear, the MLP; else 7 linears
-    per_layer = 5 if fuse else 7
+    # fused: two groups' products, o and down as GemvLinear, the MLP, the layer (its norms
+    # into the groups' products); else 7 linears
+    per_layer = 6 if fuse else 7
     assert use_gemv_products(changed, everywhere=True) == per_layer * changed.config.num_layers
     layer = changed.model.layers[0]
     assert isinstance(layer.self_attn.o_proj, GemvLinear)
     assert (type(layer.mlp) is SwiGLUDownMLP) is fuse
+    assert (type(layer) is NormGemvLayer) is fuse
     assert type(changed.lm_head) is torch.nn.Linear  # the head stays with cuBLAS
     state = changed.state_dict()
     assert sorted(state) == sorted(expected_state)
@@ -57,13 +66,55 @@ def test_quantized_mlps_take_the_swiglu_gemv_with_the_same_logits(method):
     plain = quantize_model(tiny_model(seed=6), method)
     changed = quantize_model(tiny_model(seed=6), method)
     fuse_projections(changed)
-    assert use_gemv_products(changed, everywhere=True) == changed.config.num_layers
+    assert use_gemv_products(changed, everywhere=True) == 2 * changed.config.num_layers
     assert all(type(layer.mlp) is SwiGLUDownMLP for layer in changed.model.layers)
+    assert all(type(layer) is NormGemvLayer for layer in changed.model.layers)
     with torch.inference_mode():
         for rows in (IDS[:1, :1], IDS[:, :1], IDS):  # a few rows, and more (the module)
             torch.testing.assert_close(changed(rows), plain(rows), rtol=1e-5, atol=1e-5)
-    assert undo_gemv_products(changed) == changed.config.num_layers
+    assert undo_gemv_products(changed) == 2 * changed.config.num_layers
     assert all(type(layer.mlp) is MLP for layer in changed.model.layers)
+    assert all(type(layer) is DecoderLayer for layer in changed.model.layers)
+
+
+def test_norms_run_inside_the_products_with_the_same_hidden_states(monkeypatch):
+    """A layer's norms go into the "norm_gemv" op (one call per group, none to the norm
+    ops) for a few rows, and the norm ops run as before for more; the kept hidden states
+    (the stream, which the op returns) and the logits equal the plain model's."""
+    import tessera.model.gemv_products as products
+
+    plain, changed = tiny_model(seed=8), tiny_model(seed=8)
+    fuse_projections(changed)
+    use_gemv_products(changed, everywhere=True)
+    calls = []
+    real_get = products.registry.get
+    monkeypatch.setattr(products.registry, "get",
+                        lambda name, device: calls.append(name) or real_get(name, device))
+    layers = changed.config.num_layers
+    with torch.inference_mode():
+        for rows, fused in ((IDS[:, :1], True), (IDS, False)):  # 3 rows; 33 rows
+            expected = plain.run(rows, hidden_layers=(1, 2))
+            calls.clear()
+            out = changed.run(rows, hidden_layers=(1, 2))
+            assert calls.count("norm_gemv") == (2 * layers if fused else 0)
+            norms = calls.count("rms_norm") + calls.count("add_rms_norm")
+            assert norms == (1 if fused else 2 * layers + 1)  # the final norm stays
+            for i in (1, 2):
+                torch.testing.assert_close(out.hidden_states[i], expected.hidden_states[i],
+                                           rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+            assert all(layer.self_attn.qkv_proj._output is None and
+                       layer.mlp.gate_up_proj._output is None for layer in
+                       changed.model.layers)  # every primed product was read and released
+
+
+def test_layers_with_unfused_groups_keep_their_norms():
+    model = tiny_model(seed=9)
+    fuse_projections(model)
+    unfuse_group(model.model.layers[0].mlp, MLP_GROUP, "gate_up_proj")
+    use_gemv_products(model, everywhere=True)
+    assert type(model.model.layers[0]) is DecoderLayer  # no gate/up group to norm into
+    assert type(model.model.layers[1]) is NormGemvLayer
 
 
 def test_undoing_restores_plain_modules_and_the_model_still_quantizes():
@@ -73,6 +124,7 @@ def test_undoing_restores_plain_modules_and_the_model_still_quantizes():
     assert undo_gemv_products(model) == count
     assert not uses_gemv(model) and is_fused(model)
     assert all(type(layer.mlp) is MLP for layer in model.model.layers)
+    assert all(type(layer) is DecoderLayer for layer in model.model.layers)
     assert type(model.model.layers[0].self_attn.o_proj) is torch.nn.Linear
     use_gemv_products(model, everywhere=True)
     quantize_model(model, "int8")
@@ -134,7 +186,7 @@ def test_gemv_products_match_cublas_logits_in_bf16():
     plain = tiny_model(seed=5).to("cuda", torch.bfloat16)
     changed = tiny_model(seed=5).to("cuda", torch.bfloat16)
     fuse_projections(changed)
-    assert use_gemv_products(changed) == 5 * changed.config.num_layers
+    assert use_gemv_products(changed) == 6 * changed.config.num_layers
     ids = IDS.cuda()
     with torch.inference_mode():
         for rows in (ids[:1, :1], ids[:, :1], ids):  # 1 and 3 rows: GEMV; 33: cuBLAS
@@ -152,7 +204,7 @@ def test_quantized_gemv_paths_match_the_modules_on_cuda(method):
     plain = quantize_model(tiny_model(seed=5).to("cuda", torch.bfloat16), method)
     changed = quantize_model(tiny_model(seed=5).to("cuda", torch.bfloat16), method)
     fuse_projections(changed)
-    assert use_gemv_products(changed) == changed.config.num_layers
+    assert use_gemv_products(changed) == 2 * changed.config.num_layers
     ids = IDS.cuda()
     with torch.inference_mode():
         for rows in (ids[:1, :1], ids[:, :1], ids):
