@@ -16,10 +16,13 @@ the unchanged weight below that. The modules keep their weight parameters (tied 
 stay tied, `state_dict` is unchanged), so the packed copy is extra memory, about the size
 of the model. `unprepack_linears` undoes it. Results equal `F.linear`'s up to the
 summation order (relative differences around 1e-6 in float32). Quantized layers are left
-alone. Where oneDNN is missing, nothing is packed.
+alone. Where oneDNN is missing, nothing is packed. `copy.deepcopy` of a packed model packs
+the copy's weights again (an engine packs the model it is given in place).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -43,8 +46,14 @@ class PackedProduct:
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(),
                                                                   PACK_BATCH_HINT)
+        self.weight = weight  # the module's own parameter: a reference, not a copy
         self.min_rows = MIN_ROWS[weight.dtype]
         self.out_features = weight.shape[0]
+
+    def __deepcopy__(self, memo: dict) -> PackedProduct:
+        """oneDNN's packed tensor cannot be copied: a copied model packs its copied weight
+        (`memo` makes that the copy's own parameter) again."""
+        return PackedProduct(copy.deepcopy(self.weight, memo))
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:

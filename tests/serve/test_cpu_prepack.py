@@ -84,6 +84,29 @@ def test_unprepacking_restores_linears_and_a_prepacked_model_still_quantizes():
         torch.testing.assert_close(model(ids), expected(ids))
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_prepacked_model_deep_copies_into_its_own_packed_weights(fuse):
+    """An engine packs the model it is given in place; a deep copy of it (the quantizer's
+    callers take one) is a packed model of its own: the same logits, its own packed
+    weights, and weights that no longer reach the original."""
+    import copy
+
+    model = tiny_model(seed=4, tie_word_embeddings=True)
+    if fuse:
+        fuse_projections(model)
+    prepack_linears(model)
+    copied = copy.deepcopy(model)
+    assert copied.lm_head.weight is copied.model.embed_tokens.weight  # still tied
+    assert copied.lm_head.product.weight is copied.lm_head.weight
+    assert copied.lm_head.product.packed is not model.lm_head.product.packed
+    ids = torch.randint(2, 256, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = model(ids)
+        torch.testing.assert_close(copied(ids), expected)
+        copied.lm_head.weight.mul_(2)  # the copy's own parameter: the original is unmoved
+        torch.testing.assert_close(model(ids), expected)
+
+
 def test_nothing_is_packed_without_onednn_or_off_the_cpu(monkeypatch):
     model = tiny_model(seed=2).to(torch.float16)  # a dtype it does not pack
     assert prepack_linears(model) == 0
