@@ -4,9 +4,15 @@ A CPU matrix product (MKL or oneDNN) first repacks the weight into its blocked l
 every call. At prefill sizes that is a small share of the work, but at decode sizes (a few
 rows against a weight read from memory) it costs about as much as the product: measured on
 a 2-core AVX-512 machine over SmolLM2-135M's 121 weights, float32, rows 4..16, 1.4-1.6x
-faster with the weights packed once beforehand, 1.1-1.2x at 32..2048 rows, and 0.87x at one
-row (where the plain matrix-vector kernel needs no packing); bfloat16 1.3-1.6x from one to
-32 rows.
+faster with the weights packed once beforehand, 1.1-1.2x at 32..2048 rows; bfloat16
+1.3-1.6x from one to 32 rows.
+
+One float32 row (a lone decode step) is where CPUs differ: MKL's matrix-vector product was
+faster than the packed product on that Intel host (0.87x), but on a 2-core AMD EPYC host
+the packed product read SmolLM2's weights 2-2.5x faster (one-row products of 69-181 us
+against 155-495 us, LM head 3.2 ms against 8.0 ms). So `prepack_linears` times one one-row
+pass over the model's own weights (up to `PROBE_BYTES`) both ways, twice, alternating, and
+packs one float32 row only where the packed pass was the faster (`packed_wins_one_row`).
 
 `prepack_linears(model)` gives every plain `nn.Linear` (and every fused projection of
 `tessera/model/fused_projections.py`) of a float32 or bfloat16 CPU model a `PackedProduct`:
@@ -23,6 +29,7 @@ the copy's weights again (an engine packs the model it is given in place).
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.nn as nn
@@ -32,6 +39,7 @@ from tessera.model.fused_projections import SharedInputProjection, restore_linea
 
 PACK_BATCH_HINT = 16  # the row count oneDNN chooses the packed layout for
 MIN_ROWS = {torch.float32: 2, torch.bfloat16: 1}  # fewer rows: plain F.linear
+PROBE_BYTES = 64 << 20  # weights read by each timed one-row pass (more than a CPU's L3)
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
@@ -83,19 +91,53 @@ class PrepackedLinear(nn.Module):
 
 
 def prepack_linears(model: nn.Module) -> int:
-    """Pack every plain `nn.Linear` and fused projection of `model` (in place); returns
-    how many were packed."""
-    packed = 0
+    """Pack every plain `nn.Linear` and fused projection of `model` (in place), one float32
+    row too where `packed_wins_one_row` over its weights; returns how many were packed."""
+    products = []
     for parent in list(model.modules()):
         if type(parent) is SharedInputProjection and parent.product is F.linear \
                 and can_prepack(parent.weight):
             parent.product = PackedProduct(parent.weight)
-            packed += 1
+            products.append(parent.product)
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and can_prepack(child.weight):
                 setattr(parent, name, PrepackedLinear(child))
-                packed += 1
-    return packed
+                products.append(getattr(parent, name).product)
+    one_row = [p for p in products if p.weight.dtype == torch.float32]
+    if one_row and packed_wins_one_row(one_row):
+        for product in one_row:
+            product.min_rows = 1
+    return len(products)
+
+
+def packed_wins_one_row(products: list[PackedProduct]) -> bool:
+    """Whether one-row products through the packed weights beat `F.linear` on this CPU:
+    the best of two timed passes each way over the products' first `PROBE_BYTES` of
+    weights, alternating (a few milliseconds at start-up)."""
+    probe, size = [], 0
+    for product in products:
+        if size >= PROBE_BYTES:
+            break
+        probe.append(product)
+        size += product.weight.numel() * product.weight.element_size()
+    best = {True: float("inf"), False: float("inf")}
+    with torch.inference_mode():
+        for packed in (False, True, False, True):
+            best[packed] = min(best[packed], _one_row_pass(probe, packed))
+    return best[True] < best[False]
+
+
+def _one_row_pass(products: list[PackedProduct], packed: bool) -> float:
+    """Seconds for one one-row product by every product, packed or by `F.linear`."""
+    rows = {p.weight.shape[1]: torch.randn(1, p.weight.shape[1]) for p in products}
+    start = time.perf_counter()
+    for p in products:
+        x = rows[p.weight.shape[1]]
+        if packed:
+            torch.ops.mkldnn._linear_pointwise(x, p.packed, None, "none", [], "")
+        else:
+            F.linear(x, p.weight)
+    return time.perf_counter() - start
 
 
 def unprepack_linears(model: nn.Module) -> int:

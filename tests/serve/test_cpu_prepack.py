@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tessera.errors import ConfigError
+from tessera.model import cpu_prepack
 from tessera.model.cpu_prepack import (
     PackedProduct,
     PrepackedLinear,
@@ -27,12 +28,15 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 96), (2, 96), (17, 96), (3, 5, 96), (1, 300, 96)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_product_equals_linear(dtype, shape, bias):
+@pytest.mark.parametrize("one_row_packed", [False, True])
+def test_packed_product_equals_linear(dtype, shape, bias, one_row_packed):
     generator = torch.Generator().manual_seed(sum(shape))
     weight = torch.randn(131, 96, generator=generator).to(dtype)
     b = torch.randn(131, generator=generator).to(dtype) if bias else None
     x = torch.randn(*shape, generator=generator).to(dtype)
     product = PackedProduct(weight)
+    if one_row_packed:
+        product.min_rows = 1
     with torch.inference_mode():
         got = product(x, weight, b)
     expected = F.linear(x.double(), weight.double(), b.double() if bias else None)
@@ -59,6 +63,47 @@ def test_prepacked_model_gives_the_same_logits_and_state_dict(fuse):
         torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(packed(ids[:, :1]), plain(ids[:, :1]), rtol=1e-5,
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("wins", [False, True])
+def test_one_float32_row_is_packed_where_the_timed_pass_says_so(monkeypatch, wins):
+    """`prepack_linears` asks `packed_wins_one_row` once; the answer sets every float32
+    product's `min_rows` (1 or 2), and one-row logits equal the plain model's either way."""
+    calls = []
+    monkeypatch.setattr(cpu_prepack, "packed_wins_one_row",
+                        lambda products: calls.append(len(products)) or wins)
+    plain, packed = tiny_model(seed=5), tiny_model(seed=5)
+    count = prepack_linears(packed)
+    assert calls == [count]  # every product, asked once
+    products = [m.product for m in packed.modules() if isinstance(m, PrepackedLinear)]
+    assert {p.min_rows for p in products} == {1 if wins else 2}
+    ids = torch.randint(2, 256, (1, 1), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(ids), plain(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed_seconds, expected", [(0.001, True), (0.003, False)])
+def test_the_one_row_decision_takes_the_faster_best_pass(monkeypatch, packed_seconds,
+                                                         expected):
+    """Two passes each way, alternating; the best of each decides (a slow first pass, as
+    a cold cache gives, does not)."""
+    passes = []
+
+    def one_row_pass(products, packed):
+        passes.append(packed)
+        return packed_seconds if packed else (0.01 if len(passes) == 1 else 0.002)
+
+    monkeypatch.setattr(cpu_prepack, "_one_row_pass", one_row_pass)
+    weights = [PackedProduct(torch.randn(8, 16)) for _ in range(3)]
+    assert cpu_prepack.packed_wins_one_row(weights) is expected
+    assert passes == [False, True, False, True]
+
+
+def test_the_one_row_pass_runs_both_products_on_the_probe():
+    products = [PackedProduct(torch.randn(n, k)) for n, k in ((40, 24), (7, 24), (9, 33))]
+    for packed in (False, True):
+        assert cpu_prepack._one_row_pass(products, packed) > 0
+    assert isinstance(cpu_prepack.packed_wins_one_row(products), bool)
 
 
 def test_training_through_a_prepacked_model_takes_the_plain_product():
