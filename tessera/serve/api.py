@@ -17,8 +17,9 @@ context), 401 for a missing or wrong API key, 429 when `max_waiting` requests al
 wait, 503 while the engine is not running. A client that disconnects has its requests
 aborted, which frees their KV blocks.
 
-`serve` loads the model with `tessera.load`, builds the engine and runs uvicorn bound to
-127.0.0.1 unless told otherwise. On SIGTERM uvicorn stops accepting, waits up to
+`serve` loads the model with `tessera.load` (for a CPU model it first tells glibc to keep
+freed blocks: `cpu_allocator.py`), builds the engine and runs uvicorn bound to 127.0.0.1
+unless told otherwise. On SIGTERM uvicorn stops accepting, waits up to
 `GRACEFUL_SHUTDOWN_S` for open requests, then the app aborts what is left and stops the
 engine thread; `serve` then returns normally (exit status 0). This module knows nothing
 about scheduling or models beyond their tokenizer and limits.
@@ -53,6 +54,7 @@ from tessera.serve.async_engine import (
 )
 from tessera.serve.cli_args import add_serve_arguments
 from tessera.serve.config import EngineConfig
+from tessera.serve.cpu_allocator import keep_freed_memory
 from tessera.serve.engine import LLMEngine
 from tessera.serve.metrics import ServerMetrics
 from tessera.serve.outputs import RequestOutput
@@ -441,6 +443,8 @@ def serve(model_source: str, *, host: str = "127.0.0.1", port: int = 8000,
     num_threads = threads if threads is not None else torch.get_num_threads()
     torch.set_num_threads(1)
     loaded = load(model_source, dtype=dtype, device=device)
+    if next(loaded.model.parameters()).device.type == "cpu":
+        keep_freed_memory()  # activations reused from the heap, not faulted in again
     draft_model = load(draft, dtype=dtype, device=device).model if draft else None
     if draft_model is not None:
         engine_args.setdefault("speculative_method", "draft")
