@@ -4,6 +4,9 @@
   `b` in the row's group over the row's time (> 1: faster than that baseline);
 - `copy_ceiling(like, num_tensors)`: a device copy moving the same bytes, the practical
   bandwidth ceiling of a memory-bound kernel;
+- `time_passes(cases, like, tensors_moved, baselines)` and `print_pass_table(rows,
+  baselines)`: the elementwise kernels' benchmark (each pass's implementations beside a
+  copy of its bytes, timed by `do_bench`) and its table;
 - `kernel_bench_main(script, args, collect, print_table)`: the scripts' `main`: refuse
   without CUDA, print the device line, collect the rows, print the table, and write the
   JSON report (device, versions, arguments, rows) to `args.out` when given;
@@ -36,6 +39,36 @@ def copy_ceiling(like: torch.Tensor, num_tensors: int) -> Callable[[], torch.Ten
     src = torch.empty(like.numel() * num_tensors // 2, dtype=like.dtype, device=like.device)
     dst = torch.empty_like(src)
     return lambda: dst.copy_(src)
+
+
+def time_passes(cases: dict[str, dict[str, Callable]], like: torch.Tensor,
+                tensors_moved: dict[str, int], baselines: tuple[str, ...]) -> list[dict]:
+    """Rows of (pass, impl, ms, GB/s) for every implementation of every pass and a copy of
+    the pass's bytes (`tensors_moved[pass]` tensors of like's size read plus written), the
+    median of `do_bench`, with ratios to `baselines` within each pass."""
+    from triton.testing import do_bench
+
+    rows = []
+    for direction, impls in cases.items():
+        num_bytes = tensors_moved[direction] * like.numel() * like.element_size()
+        impls = {**impls, "copy": copy_ceiling(like, tensors_moved[direction])}
+        for name, fn in impls.items():
+            ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
+            rows.append({"pass": direction, "impl": name, "ms": ms, "gbps": num_bytes / ms / 1e6})
+    return add_speedups(rows, baselines, group=lambda row: row["pass"])
+
+
+def print_pass_table(rows: list[dict], baselines: tuple[str, ...]) -> None:
+    """`time_passes`' rows, one line each, columns as wide as their longest entry."""
+    pass_w = max(len("pass"), *(len(r["pass"]) for r in rows))
+    impl_w = max(len("impl"), *(len(r["impl"]) for r in rows)) + 2
+    ratio_w = max(len("vs " + b) for b in baselines) + 2
+    print(f"{'pass':{pass_w}} {'impl':{impl_w}} {'ms':>8} {'GB/s':>7}"
+          + "".join(f" {'vs ' + b:>{ratio_w}}" for b in baselines))
+    for r in rows:
+        ratios = "".join(f" {r['speedup_vs'][b]:>{ratio_w - 1}.2f}x" for b in baselines)
+        print(f"{r['pass']:{pass_w}} {r['impl']:{impl_w}} {r['ms']:8.4f} {r['gbps']:7.0f}"
+              f"{ratios}")
 
 
 def kernel_bench_main(script: str, args: argparse.Namespace,

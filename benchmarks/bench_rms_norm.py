@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tessera
-from _common import add_speedups, copy_ceiling, kernel_bench_main  # noqa: E402  (beside this script)
-from triton.testing import do_bench  # noqa: E402
+from _common import kernel_bench_main, print_pass_table, time_passes  # noqa: E402
 
 from tessera.kernels.rms_norm import (  # noqa: E402
     add_rms_norm,
@@ -87,26 +86,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     x, r, dy = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(3))
     w = (1 + 0.1 * torch.randn(args.width, device="cuda", generator=gen)).to(dtype)
     print(f"max |tessera - eager| forward: {max_error(x, w):.2e}")
-    rows = []
-    for direction, impls in cases(x, r, w, dy).items():
-        num_bytes = TENSORS_MOVED[direction] * x.numel() * x.element_size()
-        impls = {**impls, "copy": copy_ceiling(x, TENSORS_MOVED[direction])}
-        for name, fn in impls.items():
-            ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
-            rows.append({"pass": direction, "impl": name, "ms": ms, "gbps": num_bytes / ms / 1e6})
-    return add_speedups(rows, BASELINES, group=lambda row: row["pass"])
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"{'pass':7} {'impl':17} {'ms':>8} {'GB/s':>7}"
-          + "".join(f" {'vs ' + b:>19}" for b in BASELINES))
-    for r in rows:
-        ratios = "".join(f" {r['speedup_vs'][b]:>18.2f}x" for b in BASELINES)
-        print(f"{r['pass']:7} {r['impl']:17} {r['ms']:8.4f} {r['gbps']:7.0f}{ratios}")
+    return time_passes(cases(x, r, w, dy), x, TENSORS_MOVED, BASELINES)
 
 
 def main() -> None:
-    kernel_bench_main("bench_rms_norm.py", parse_args(), run, print_table)
+    kernel_bench_main("bench_rms_norm.py", parse_args(), run,
+                      lambda rows: print_pass_table(rows, BASELINES))
 
 
 if __name__ == "__main__":

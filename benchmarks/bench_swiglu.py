@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's tessera
-from _common import add_speedups, copy_ceiling, kernel_bench_main  # noqa: E402  (beside this script)
-from triton.testing import do_bench  # noqa: E402
+from _common import kernel_bench_main, print_pass_table, time_passes  # noqa: E402
 
 from tessera.kernels.swiglu import swiglu, swiglu_reference  # noqa: E402
 
@@ -61,26 +60,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     with torch.no_grad():
         error = (swiglu(gate, up).float() - swiglu_reference(gate, up).float()).abs().max()
     print(f"max |tessera - eager| forward: {error.item():.2e}")
-    rows = []
-    for direction, impls in cases(gate, up, dy).items():
-        num_bytes = TENSORS_MOVED[direction] * gate.numel() * gate.element_size()
-        impls = {**impls, "copy": copy_ceiling(gate, TENSORS_MOVED[direction])}
-        for name, fn in impls.items():
-            ms = do_bench(fn, warmup=50, rep=300, return_mode="median")
-            rows.append({"pass": direction, "impl": name, "ms": ms, "gbps": num_bytes / ms / 1e6})
-    return add_speedups(rows, BASELINES, group=lambda row: row["pass"])
-
-
-def print_table(rows: list[dict]) -> None:
-    print(f"{'pass':4} {'impl':15} {'ms':>8} {'GB/s':>7}"
-          + "".join(f" {'vs ' + b:>14}" for b in BASELINES))
-    for r in rows:
-        ratios = "".join(f" {r['speedup_vs'][b]:>13.2f}x" for b in BASELINES)
-        print(f"{r['pass']:4} {r['impl']:15} {r['ms']:8.4f} {r['gbps']:7.0f}{ratios}")
+    return time_passes(cases(gate, up, dy), gate, TENSORS_MOVED, BASELINES)
 
 
 def main() -> None:
-    kernel_bench_main("bench_swiglu.py", parse_args(), run, print_table)
+    kernel_bench_main("bench_swiglu.py", parse_args(), run,
+                      lambda rows: print_pass_table(rows, BASELINES))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The shared benchmark helpers: ratio columns per group, and the copy ceiling's bytes."""
+"""The shared benchmark helpers: ratio columns per group, the copy ceiling's bytes, and the
+elementwise kernels' table."""
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks._common import add_speedups, copy_ceiling
+from benchmarks._common import add_speedups, copy_ceiling, print_pass_table
 
 
 def test_speedups_are_baseline_time_over_row_time_within_each_group():
@@ -30,3 +31,17 @@ def test_copy_ceiling_moves_the_given_number_of_tensors():
     copy = copy_ceiling(like, 3)
     out = copy()
     assert out.numel() * 2 == 3 * like.numel()  # read once, written once: 3 tensors' bytes
+
+
+def test_the_pass_table_has_a_line_per_row_with_every_ratio(capsys):
+    rows = [{"pass": "fwd", "impl": "torch-eager", "ms": 2.0, "gbps": 100.0},
+            {"pass": "add_fwd", "impl": "triton", "ms": 0.5, "gbps": 400.0}]
+    for row in rows:
+        row["speedup_vs"] = {"torch-eager": 2.0 / row["ms"], "copy": 0.25}
+    print_pass_table(rows, ("torch-eager", "copy"))
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["pass", "impl", "ms", "GB/s", "vs", "torch-eager", "vs", "copy"]
+    assert [line.split() for line in lines] == [
+        ["fwd", "torch-eager", "2.0000", "100", "1.00x", "0.25x"],
+        ["add_fwd", "triton", "0.5000", "400", "4.00x", "0.25x"]]
+    assert len({len(line) for line in [header, *lines]}) == 1  # aligned columns
