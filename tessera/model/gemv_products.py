@@ -41,7 +41,7 @@ from tessera.model.transformer import MLP, DecoderLayer, RMSNorm
 from tessera.quant.fp8 import FP8Linear
 from tessera.quant.int8 import Int8Linear
 
-QUANTIZED_DOWN = (Int8Linear, FP8Linear)  # down projections whose codes the GEMV reads
+GEMV_CODES = (Int8Linear, FP8Linear)  # quantized modules whose codes the GEMV reads
 
 
 def gemv_product(x: torch.Tensor, weight: torch.Tensor,
@@ -78,7 +78,7 @@ class SwiGLUDownMLP(MLP):
         gate_up = self.gate_up_proj.whole(x)  # [..., 2F]
         down = self.down_proj
         swiglu_gemv = registry.get("swiglu_gemv", x.device)
-        if not isinstance(down, QUANTIZED_DOWN):
+        if not isinstance(down, GEMV_CODES):
             return swiglu_gemv(gate_up, down.weight)
         if gate_up.numel() > QUANTIZED_MAX_ROWS * gate_up.shape[-1]:
             gate, up = gate_up.chunk(2, dim=-1)
@@ -147,7 +147,7 @@ def _norm_fusable(layer: nn.Module) -> bool:
 def _takes_gemv(group: nn.Module | None) -> bool:
     if type(group) is SharedInputProjection:
         return group.product is gemv_product
-    return isinstance(group, SharedInputQuantized) and isinstance(group.fused, QUANTIZED_DOWN)
+    return isinstance(group, SharedInputQuantized) and isinstance(group.fused, GEMV_CODES)
 
 
 def _fast_on(weight: torch.Tensor, everywhere: bool) -> bool:
@@ -160,7 +160,7 @@ def _fusable_mlp(mlp: nn.Module) -> bool:
             down.bias is not None:
         return False
     if isinstance(group, SharedInputQuantized):
-        return isinstance(down, QUANTIZED_DOWN) and down.input_scale is None
+        return isinstance(down, GEMV_CODES) and down.input_scale is None
     return group.bias is None and type(down) in (nn.Linear, GemvLinear)
 
 
