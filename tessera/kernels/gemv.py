@@ -317,9 +317,10 @@ def _check_norm(x: torch.Tensor, norm: NormInput) -> None:
     k = x.shape[1]
     assert norm.weight.shape == (k,) and norm.weight.dtype == x.dtype and \
         norm.weight.is_contiguous(), f"norm weight: expected {x.dtype} ({k},)"
+    assert (norm.residual is None) == (norm.residual_out is None), \
+        "residual and residual_out go together"
     for name in ("residual", "residual_out"):
         t = getattr(norm, name)
-        assert (t is None) == (norm.residual is None), "residual and residual_out go together"
         assert t is None or (t.shape == x.shape and t.dtype == x.dtype and t.stride(1) == 1), \
             f"{name}: expected {x.dtype} {tuple(x.shape)} with unit stride"
 

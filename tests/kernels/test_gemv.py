@@ -93,7 +93,7 @@ def check_scaled_gemv(rows, n, k, dtype, device, code, quantize_input, swiglu_in
     if quantize_input:
         row_codes, row_scales = quantize_rows(inputs)
         inputs = row_codes.double() * row_scales.double()
-    dequantized = codes.double() * (scale.double()[:, None] if scale.numel() > 1 else scale)
+    dequantized = dequantized_double(codes, scale)
     expected = inputs.double() @ dequantized.T
     out = torch.full((rows, n), float("nan"), dtype=dtype, device=device)
     kernels.gemv_forward(x, codes, weight_scale=scale, quantize_input=quantize_input,
@@ -122,7 +122,7 @@ def check_norm_gemv(rows, n, k, dtype, device, code, with_residual, quantize_inp
         codes, scale, dequantized = weight, None, weight.double()
     else:
         codes, scale = quantized(weight.float(), code)
-        dequantized = codes.double() * (scale.double()[:, None] if scale.numel() > 1 else scale)
+        dequantized = dequantized_double(codes, scale)
     if quantize_input:
         row_codes, row_scales = quantize_rows(normed)
         normed = row_codes.double() * row_scales.double()
@@ -135,6 +135,11 @@ def check_norm_gemv(rows, n, k, dtype, device, code, with_residual, quantize_inp
     assert_close(out, expected, dtype)
     if with_residual:
         assert torch.equal(residual_out, stream)
+
+
+def dequantized_double(codes, scale):
+    """Codes times their scales (per channel or one), in float64."""
+    return codes.double() * (scale.double()[:, None] if scale.numel() > 1 else scale)
 
 
 def every_code(dtype: torch.dtype) -> torch.Tensor:
