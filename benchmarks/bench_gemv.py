@@ -112,7 +112,8 @@ def shape_rows(preset: str, name: str, n: int, k: int, rows: int, weights: str,
     found = []
     reference = None
     pdl_modes = [False, True] if use_pdl(x.device) else [False]
-    for impl, fn in variants(name, weights, [gemv_tile(n, k), *tiles], pdl_modes).items():
+    for impl, fn in variants(name, weights, [gemv_tile(n, k, rows), *tiles],
+                             pdl_modes).items():
         out = fn(x, *copies[0]).float()
         reference = out if reference is None else reference
         error = ((out - reference).abs().max() / reference.abs().max()).item()

@@ -25,15 +25,17 @@ the rows' `[BLOCK_M, BLOCK_K]` inputs in fp32 and reduces over K once, after the
 the SwiGLU input it loads the gate and up halves and rounds `silu(gate)` and the product to
 the input dtype where the `swiglu` kernel does, so the result equals the two-op path up to
 the order of the fp32 sums. With the norm, every program sums the squares of its rows
-itself (a row is a few KB, read again from cache) and rounds as the `rms_norm` kernel
-does; the first program writes the rows' sum with the residual. At decode sizes a product
-is bounded by launch latency more than by bytes (SmolLM2's are 0.7-3.5 MB); this kernel's
-single pass with no epilogue kernel, and no norm kernel before it, is what it is for.
+itself (from the same load where K fits one tile; otherwise in a first pass, the rows read
+again from cache) and rounds as the `rms_norm` kernel does; the first program writes the
+rows' sum with the residual. At decode sizes a product is bounded by launch latency more
+than by bytes (SmolLM2's are 0.7-3.5 MB); this kernel's single pass with no epilogue
+kernel, and no norm kernel before it, is what it is for.
 Where cuBLAS measured faster (more rows, larger weights: `prefers_gemv`) the op runs
 cuBLAS. There is no backward (inference only).
 
 On Hopper and later it is a programmatic dependent launch: it loads its first weight tile
-before waiting for the kernel before it, so that the load overlaps that kernel's end.
+and its scales before waiting for the kernel before it, so that the loads overlap that
+kernel's end.
 """
 
 from __future__ import annotations
@@ -123,6 +125,15 @@ def _summed_input(x_ptrs, r_ptrs, x_mask, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
+def _normed(x, g_ptrs, x_mask, rstd):
+    """`x * rstd` rounded to x's dtype, times the norm weight at `g_ptrs`, rounded again
+    (where the `rms_norm` kernel rounds), in fp32."""
+    g = tl.load(g_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+    normed = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
+    return (normed * g).to(x.dtype).to(tl.float32)
+
+
+@triton.jit
 def _gemv_input(x_ptrs, x_mask, K, r_ptrs, g_ptrs, rstd, SWIGLU_INPUT: tl.constexpr,
                 NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """One `[BLOCK_M, BLOCK_K]` input tile in fp32: X's; the SwiGLU of its halves; or the
@@ -130,9 +141,7 @@ def _gemv_input(x_ptrs, x_mask, K, r_ptrs, g_ptrs, rstd, SWIGLU_INPUT: tl.conste
     the `rms_norm` kernel rounds (the normalised row, then its product by the weight)."""
     if NORM_INPUT:
         x = _summed_input(x_ptrs, r_ptrs, x_mask, HAS_RESIDUAL)
-        g = tl.load(g_ptrs, mask=x_mask, other=0.0).to(tl.float32)
-        normed = (x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32)
-        return (normed * g).to(x.dtype).to(tl.float32)
+        return _normed(x, g_ptrs, x_mask, rstd)
     x = tl.load(x_ptrs, mask=x_mask, other=0.0)
     if SWIGLU_INPUT:
         up = tl.load(x_ptrs + K, mask=x_mask, other=0.0)
@@ -162,6 +171,25 @@ def _norm_rstd(x_ptrs, r_ptrs, ro_ptrs, mask_m, K, eps, HAS_RESIDUAL: tl.constex
 
 
 @triton.jit
+def _whole_rows_input(x_ptrs, x_mask, K, r_ptrs, ro_ptrs, g_ptrs, eps,
+                      SWIGLU_INPUT: tl.constexpr, NORM_INPUT: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The input rows whole (K fits one tile) in fp32, as `_gemv_input` makes them; with
+    the norm, the rows' squares are summed from that same load (no second pass over K) and
+    the first program writes X + R at `ro_ptrs`."""
+    if NORM_INPUT:
+        x = _summed_input(x_ptrs, r_ptrs, x_mask, HAS_RESIDUAL)
+        if HAS_RESIDUAL:
+            if tl.program_id(0) == 0:
+                tl.store(ro_ptrs, x, mask=x_mask)
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)
+        return _normed(x, g_ptrs, x_mask, rstd)
+    no_rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return _gemv_input(x_ptrs, x_mask, K, r_ptrs, g_ptrs, no_rstd, SWIGLU_INPUT, False, False)
+
+
+@triton.jit
 def _e4m3_to_f32(codes):
     """e4m3fn codes (not NaN) as fp32, by moving their bits into an fp32's: sign to bit 31,
     exponent and mantissa to bits 20-26, then times 2^120 (the exponent biases' gap; exact,
@@ -186,6 +214,18 @@ def _codes_to_f32(w, CODES: tl.constexpr):
 
 
 @triton.jit
+def _e4m3_scale(amax):
+    """A row's dynamic e4m3 scale from its largest magnitude, as `round_rows_e4m3`."""
+    return tl.maximum(amax, 1e-12) * (1.0 / 448.0)
+
+
+@triton.jit
+def _through_e4m3(x, x_inverse):
+    """x times its rows' inverse scales, saturated and rounded to e4m3, back in fp32."""
+    return _e4m3_to_f32(tl.clamp(x * x_inverse, -448.0, 448.0).to(tl.float8e4nv))
+
+
+@triton.jit
 def _row_scales(x_ptrs, mask_m, K, r_ptrs, g_ptrs, rstd, SWIGLU_INPUT: tl.constexpr,
                 NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_K: tl.constexpr):
@@ -197,7 +237,7 @@ def _row_scales(x_ptrs, mask_m, K, r_ptrs, g_ptrs, rstd, SWIGLU_INPUT: tl.conste
                         r_ptrs + k0, g_ptrs + k0, rstd, SWIGLU_INPUT, NORM_INPUT,
                         HAS_RESIDUAL)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    return tl.maximum(amax, 1e-12) * (1.0 / 448.0)  # as `round_rows_e4m3`
+    return _e4m3_scale(amax)
 
 
 @triton.jit
@@ -205,20 +245,21 @@ def _gemv_kernel(X, W, S, B, OUT, R, G, RO, M, N, K, stride_xm, stride_wn, strid
                  stride_rm, stride_rom, eps, HAS_BIAS: tl.constexpr,
                  SWIGLU_INPUT: tl.constexpr, NORM_INPUT: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, SCALE: tl.constexpr, CODES: tl.constexpr,
-                 QUANTIZE_X: tl.constexpr, USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 QUANTIZE_X: tl.constexpr, USE_PDL: tl.constexpr, WHOLE_ROWS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT[m, n] = sum_k in(X)[m, k] W[n, k] * s_n (+ B[n]); in(X) = X; or silu(X[:, :K]) *
     X[:, K:2K] rounded as the swiglu kernel rounds; or (NORM_INPUT) the RMSNorm of X (+ R)
     with weight G, rounded as the rms_norm kernel rounds, each program normalising the rows
     itself and the first writing X + R to RO. s_n = 1 (SCALE 0), S[n] (SCALE 1, per output
     channel) or S[0] (SCALE 2, per tensor). With QUANTIZE_X each row of in(X) is first
     rounded to e4m3 with its own scale, as `quantize_rows` does (W8A8). CODES says how W's
-    elements become fp32 (`_codes_to_f32`).
+    elements become fp32 (`_codes_to_f32`). WHOLE_ROWS (K <= BLOCK_K): a single tile, each
+    input element loaded once, the norm's sum of squares included.
 
     The weight tile of the next step is loaded before the input of this one. With USE_PDL
-    (a programmatic dependent launch) the first weight tile is loaded before waiting for
-    the kernel before this one, whose output X is: weights are never written by a decode
-    step, so their load overlaps that kernel's tail."""
+    (a programmatic dependent launch) the first weight tile, the scales and the bias are
+    loaded before waiting for the kernel before this one, whose output X is: weights are
+    never written by a decode step, so their load overlaps that kernel's tail."""
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -230,38 +271,53 @@ def _gemv_kernel(X, W, S, B, OUT, R, G, RO, M, N, K, stride_xm, stride_wn, strid
     r_ptrs = R + offs_m.to(tl.int64)[:, None] * stride_rm + offs_k[None, :]
     g_ptrs = G + offs_k[None, :]
     w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
+    if SCALE == 1:  # weights too: loaded now, not after the product (their latency hidden)
+        w_scale = tl.load(S + offs_n, mask=mask_n, other=0.0)
+    if SCALE == 2:
+        w_scale = tl.load(S)
+    if HAS_BIAS:
+        bias = tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if NORM_INPUT:
-        ro_ptrs = RO + offs_m.to(tl.int64)[:, None] * stride_rom + offs_k[None, :]
-        rstd = _norm_rstd(x_ptrs, r_ptrs, ro_ptrs, mask_m, K, eps, HAS_RESIDUAL, BLOCK_M,
-                          BLOCK_K)
-    if QUANTIZE_X:
-        x_scale = _row_scales(x_ptrs, mask_m, K, r_ptrs, g_ptrs, rstd, SWIGLU_INPUT,
-                              NORM_INPUT, HAS_RESIDUAL, BLOCK_M, BLOCK_K)
-        x_inverse = tl.div_rn(1.0, x_scale)[:, None]  # IEEE, as torch's 1 / scale
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
-                        r_ptrs + k0, g_ptrs + k0, rstd, SWIGLU_INPUT, NORM_INPUT,
-                        HAS_RESIDUAL)
+    ro_ptrs = RO + offs_m.to(tl.int64)[:, None] * stride_rom + offs_k[None, :]
+    if WHOLE_ROWS:
+        x = _whole_rows_input(x_ptrs, mask_m[:, None] & (offs_k < K)[None, :], K, r_ptrs,
+                              ro_ptrs, g_ptrs, eps, SWIGLU_INPUT, NORM_INPUT, HAS_RESIDUAL,
+                              BLOCK_M)
         if QUANTIZE_X:
-            x = _e4m3_to_f32(tl.clamp(x * x_inverse, -448.0, 448.0).to(tl.float8e4nv))
-        w_next = tl.load(w_ptrs + k0 + BLOCK_K,
-                         mask=mask_n[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :],
-                         other=0.0)
-        acc += x[:, None, :] * _codes_to_f32(w, CODES)[None, :, :]
-        w = w_next
-    out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+            x_scale = _e4m3_scale(tl.max(tl.abs(x), axis=1))
+            x = _through_e4m3(x, tl.div_rn(1.0, x_scale)[:, None])
+        out = tl.sum(x[:, None, :] * _codes_to_f32(w, CODES)[None, :, :], axis=2)
+    else:
+        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        if NORM_INPUT:
+            rstd = _norm_rstd(x_ptrs, r_ptrs, ro_ptrs, mask_m, K, eps, HAS_RESIDUAL, BLOCK_M,
+                              BLOCK_K)
+        if QUANTIZE_X:
+            x_scale = _row_scales(x_ptrs, mask_m, K, r_ptrs, g_ptrs, rstd, SWIGLU_INPUT,
+                                  NORM_INPUT, HAS_RESIDUAL, BLOCK_M, BLOCK_K)
+            x_inverse = tl.div_rn(1.0, x_scale)[:, None]  # IEEE, as torch's 1 / scale
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = _gemv_input(x_ptrs + k0, mask_m[:, None] & (k0 + offs_k < K)[None, :], K,
+                            r_ptrs + k0, g_ptrs + k0, rstd, SWIGLU_INPUT, NORM_INPUT,
+                            HAS_RESIDUAL)
+            if QUANTIZE_X:
+                x = _through_e4m3(x, x_inverse)
+            w_next = tl.load(w_ptrs + k0 + BLOCK_K,
+                             mask=mask_n[:, None] & (k0 + BLOCK_K + offs_k < K)[None, :],
+                             other=0.0)
+            acc += x[:, None, :] * _codes_to_f32(w, CODES)[None, :, :]
+            w = w_next
+        out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
     if QUANTIZE_X:
         out = out * x_scale[:, None]
     if SCALE == 1:
-        out = out * tl.load(S + offs_n, mask=mask_n, other=0.0)[None, :]
+        out = out * w_scale[None, :]
     if SCALE == 2:
-        out = out * tl.load(S)
+        out = out * w_scale
     if HAS_BIAS:
-        out += tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out += bias[None, :]
     out_ptrs = OUT + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -269,13 +325,21 @@ def _gemv_kernel(X, W, S, B, OUT, R, G, RO, M, N, K, stride_xm, stride_wn, strid
 # ---------------------------------------------------------------------------- launcher
 
 
-def gemv_tile(n: int, k: int) -> tuple[int, int, int]:
+def gemv_tile(n: int, k: int, rows: int = 1) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps). Measured on the H200 in CUDA graphs
     (`benchmarks/bench_gemv.py`, docs/kernels.md): few K steps win, since every step is a
     dependent load; 4 channels a program; 512 of K a step once N >= 3072 (more programs),
-    1024 below. A small fixed tile under the interpreter."""
+    1024 below. K of up to 1024 is taken in one step (each input element loaded once:
+    `WHOLE_ROWS`), but for 3 rows or more against N >= 3072 (a `[rows, 4, K]` product per
+    step: registers); and one row of K up to 2048 against N >= 2048 with 8 warps (H100,
+    Llama-3.2-1B's gate/up 21% faster with int8 codes, 5% in bf16; q/k/v and o within 5%).
+    A small fixed tile under the interpreter."""
     if interpreting():
         return 4, 32, 4
+    if k <= 1024 and (n < 3072 or rows <= 2):
+        return 4, max(16, triton.next_power_of_2(k)), 4
+    if rows == 1 and k <= 2048 and n >= 2048:
+        return 4, 2048, 8
     return 4, 512 if n >= 3072 else 1024, 4
 
 
@@ -355,7 +419,7 @@ def gemv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.dtype == x.dtype and out.stride(1) == 1, \
         f"out: {out.dtype} {tuple(out.shape)}, expected {x.dtype} ({m}, {n}) with unit stride"
-    block_n, block_k, num_warps = tile or gemv_tile(n, k)
+    block_n, block_k, num_warps = tile or gemv_tile(n, k, m)
     pdl = use_pdl(x.device) if pdl is None else pdl
     residual = norm.residual if norm is not None and norm.residual is not None else x
     residual_out = norm.residual_out if norm is not None and norm.residual is not None else x
@@ -368,7 +432,7 @@ def gemv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         SWIGLU_INPUT=swiglu_input, NORM_INPUT=norm is not None,
         HAS_RESIDUAL=norm is not None and norm.residual is not None, SCALE=scale_mode,
         CODES=CODE_DTYPES.index(weight.dtype) + 1 if scale_mode else 0,
-        QUANTIZE_X=quantize_input, USE_PDL=pdl,
+        QUANTIZE_X=quantize_input, USE_PDL=pdl, WHOLE_ROWS=k <= block_k,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, launch_pdl=pdl)
     return out

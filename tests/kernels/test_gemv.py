@@ -16,9 +16,10 @@ from tessera.kernels import registry
 from tessera.kernels._triton import use_pdl
 from tessera.kernels.swiglu import swiglu_reference
 
-# (rows, N, K): odd N and K that end mid-tile, one row, a power of two, the row limit
-SMALL = [(1, 37, 70), (3, 64, 96), (8, 5, 33)]
-LARGE = [(1, 960, 576), (4, 576, 1536), (3, 3072, 2048), (8, 2047, 8193)]
+# (rows, N, K): odd N and K that end mid-tile, one row, a power of two, the row limit; K
+# within one interpreter tile (the kernel's WHOLE_ROWS path)
+SMALL = [(1, 37, 70), (3, 64, 96), (8, 5, 33), (2, 19, 24)]
+LARGE = [(1, 960, 576), (1, 2048, 2048), (4, 576, 1536), (3, 3072, 2048), (8, 2047, 8193)]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
@@ -272,6 +273,18 @@ def test_launcher_refuses_what_it_cannot_do():
     with pytest.raises(AssertionError, match="go together"):
         kernels.gemv_forward(x[:2], weight, norm=kernels.NormInput(torch.ones(16), 1e-6,
                                                                    residual=x[:2]))
+
+
+def test_tiles_take_short_rows_whole_but_not_many_rows_of_wide_weights():
+    """K of up to 1024 in one tile (the WHOLE_ROWS path: SmolLM2's q/k/v and gate/up at
+    one row), except 3+ rows against N >= 3072; one row of K up to 2048 against N >= 2048
+    too; longer K in several steps."""
+    assert kernels.gemv_tile(960, 576, 4)[1] >= 576
+    assert kernels.gemv_tile(3072, 576, 1)[1] >= 576
+    assert kernels.gemv_tile(3072, 576, 4)[1] < 576
+    assert kernels.gemv_tile(2048, 2048, 1)[1] >= 2048  # one row of Llama-1B's products
+    assert kernels.gemv_tile(2048, 2048, 2)[1] < 2048
+    assert kernels.gemv_tile(2048, 8192, 1)[1] < 8192
 
 
 def test_more_rows_larger_weights_and_autograd_take_the_plain_product():
