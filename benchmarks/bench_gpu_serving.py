@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
                         action="store_false", help="separate q/k/v and gate/up products")
     parser.add_argument("--no-gemv", dest="gemv_products", action="store_false",
                         help="decode products by cuBLAS, not the few-row GEMV kernel")
+    parser.add_argument("--no-rope-kv-write", dest="rope_kv_write", action="store_false",
+                        help="RoPE and the KV write as two launches a layer, not one")
     parser.add_argument("--no-async-scheduling", dest="async_scheduling",
                         action="store_false", help="steps in order: read each step's "
                         "tokens before the next is launched")
@@ -142,6 +144,7 @@ def make_engine(model: torch.nn.Module, args: argparse.Namespace, **config) -> L
     engine = LLMEngine(model, config=EngineConfig(enforce_eager=args.enforce_eager,
                                                   fuse_projections=args.fuse_projections,
                                                   gemv_products=args.gemv_products,
+                                                  rope_kv_write=args.rope_kv_write,
                                                   async_scheduling=args.async_scheduling,
                                                   **config))
     run_engine(engine, [[11, 12, 13]] * 2, [4, 4])  # warm-up
@@ -299,7 +302,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"torch {torch.__version__}; CUDA graphs {'off' if args.enforce_eager else 'on'}; "
           f"fused projections {'on' if args.fuse_projections else 'off'}; "
-          f"GEMV products {'on' if args.gemv_products else 'off'}")
+          f"GEMV products {'on' if args.gemv_products else 'off'}; "
+          f"RoPE with the KV write {'on' if args.rope_kv_write else 'off'}")
     rows: list[dict] = []
     if "decode" in args.suites:
         rows += decode_suite(args, bandwidth)

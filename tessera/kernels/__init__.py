@@ -15,6 +15,7 @@ from tessera.kernels import (  # noqa: F401  (importing registers the ops)
     registry,
     rms_norm,
     rope,
+    rope_kv_write,
     swiglu,
 )
 

@@ -80,15 +80,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 ctx: AttentionContext) -> torch.Tensor:
+        q, k, v = self.project(x)
+        q, k = registry.get("rope", q.device)(q, k, cos, sin)
+        out = ctx.attend(self.layer_idx, q, k, v)  # [B, T, H, D]
+        return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q `[B, T, H, D]`, k and v `[B, T, KVH, D]` of x: the projections (and the QK
+        norm), before the rotary embedding."""
         batch, num_tokens, _ = x.shape
         q = self.q_proj(x).view(batch, num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(batch, num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = registry.get("rope", q.device)(q, k, cos, sin)
-        out = ctx.attend(self.layer_idx, q, k, v)  # [B, T, H, D]
-        return self.o_proj(out.reshape(batch, num_tokens, -1))
+        return q, k, v
 
 
 class DecoderLayer(nn.Module):

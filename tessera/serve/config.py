@@ -12,7 +12,9 @@ projections of the models it is given, in place
 (`tessera/model/fused_projections.py`), and with `cpu_prepack` it gives the linear layers
 of float32 and bfloat16 CPU models weights prepacked for oneDNN
 (`tessera/model/cpu_prepack.py`); with `gemv_products` the products of CUDA models' layers
-go through the few-row GEMV kernel where it beats cuBLAS (`tessera/model/gemv_products.py`).
+go through the few-row GEMV kernel where it beats cuBLAS (`tessera/model/gemv_products.py`),
+and with `rope_kv_write` their layers rotate q and k as the KV pool is written, in one launch
+(`tessera/model/rotating_attention.py`).
 `async_scheduling` overlaps the host's work with the device's: the next step is scheduled
 and launched before the tokens of the one running are read back (see `engine.py`); None,
 the default, turns it on for CUDA models. It knows nothing about models or devices.
@@ -51,6 +53,7 @@ class EngineConfig:
     fuse_projections: bool = True  # one product for q/k/v and one for gate/up, in place
     cpu_prepack: bool = True  # CPU models: weights prepacked for oneDNN (cpu_prepack.py)
     gemv_products: bool = True  # CUDA models: few-row products by GEMV (gemv_products.py)
+    rope_kv_write: bool = True  # CUDA models: RoPE with the KV write (rotating_attention.py)
     async_scheduling: bool | None = None  # None: on for CUDA models, off elsewhere
 
     def __post_init__(self) -> None:
@@ -72,7 +75,8 @@ class EngineConfig:
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ConfigError(f"kv_cache_tokens ({self.kv_cache_tokens}) is smaller than one "
                               f"block ({self.block_size} tokens)")
-        for name in ("enforce_eager", "fuse_projections", "cpu_prepack", "gemv_products"):
+        for name in ("enforce_eager", "fuse_projections", "cpu_prepack", "gemv_products",
+                     "rope_kv_write"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got "
                                   f"{getattr(self, name)!r}")

@@ -41,6 +41,7 @@ from tessera.errors import ConfigError, RequestError
 from tessera.model.cpu_prepack import prepack_linears
 from tessera.model.fused_projections import fuse_projections
 from tessera.model.gemv_products import use_gemv_products
+from tessera.model.rotating_attention import use_rotating_attention
 from tessera.model.transformer import TesseraForCausalLM
 from tessera.serve.block_manager import BlockManager
 from tessera.serve.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
@@ -152,6 +153,8 @@ class LLMEngine:
                 fuse_projections(each)
             if config.gemv_products:
                 use_gemv_products(each)  # no-op but on CUDA
+            if config.rope_kv_write:
+                use_rotating_attention(each)  # no-op but on CUDA
             if config.cpu_prepack:
                 prepack_linears(each)  # no-op but on CPU
         num_blocks = self._num_kv_blocks(model, draft_model)

@@ -192,7 +192,11 @@ class PagedAttentionMetadata:
 
 @dataclass
 class PagedContext:
-    """Attention context: write new k/v into the pool, then attend group by group."""
+    """Attention context: write new k/v into the pool, then attend group by group.
+
+    `rotate_and_attend` (for `RotatingAttention`, tessera/model/rotating_attention.py) takes
+    q and k before their rotary embedding and applies it together with the pool write, one
+    "rope_kv_write" launch instead of a "rope" and a "kv_write"."""
 
     pool: KVPool
     metadata: PagedAttentionMetadata
@@ -201,6 +205,22 @@ class PagedContext:
                v: torch.Tensor) -> torch.Tensor:
         q, k, v = q[0], k[0], v[0]  # batch dim is 1: flattened
         self.pool.write(layer_idx, self.metadata.slot_mapping, k, v)
+        return self._attend_groups(layer_idx, q, k, v)
+
+    def rotate_and_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                          ) -> torch.Tensor:
+        """`attend` on q and k rotated by cos, sin (`[1, N, D]` or `[N, D]`)."""
+        keys, values = self.pool.layer(layer_idx)
+        head_dim = cos.shape[-1]
+        q, k = registry.get("rope_kv_write", q.device)(
+            q[0], k[0], v[0], cos.reshape(-1, head_dim), sin.reshape(-1, head_dim), keys,
+            values, self.metadata.slot_mapping)
+        return self._attend_groups(layer_idx, q, k, v[0])
+
+    def _attend_groups(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
+        """`[1, N, H, D]`: each group of the call attended (its keys already in the pool)."""
         groups = self.metadata.groups
         if len(groups) == 1:
             return self._attend_group(layer_idx, groups[0], q, k, v)[None]
