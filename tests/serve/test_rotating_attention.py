@@ -20,7 +20,15 @@ from tessera.model.transformer import Attention
 from tessera.quant import quantize_model
 from tessera.serve.config import EngineConfig
 
-from .helpers import GREEDY, greedy_tokens_off_and_on, random_prompt, run_engine, tiny_model
+from .helpers import (
+    GREEDY,
+    drain,
+    greedy_tokens_off_and_on,
+    random_prompt,
+    reference,
+    run_engine,
+    tiny_model,
+)
 
 IDS = torch.randint(2, 256, (3, 11), generator=torch.Generator().manual_seed(0))
 
@@ -79,6 +87,33 @@ def test_the_paged_context_rotates_and_writes_in_one_call(make_engine, monkeypat
     steps = 3  # one prefill, two decode steps
     assert calls.count("rope_kv_write") == steps * model.config.num_layers
     assert calls.count("rope") == 0 and calls.count("kv_write") == 0
+
+
+def test_mixed_steps_and_prefix_hits_match_plain_generation(make_engine, monkeypatch):
+    """Steps that mix a decode with prefills, one of them reading cached prefix blocks (a
+    paged group of several queries), through the rotating layers: each request's greedy
+    tokens equal plain generation's (the same model, whose layers run unrotated there)."""
+    import tessera.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "use_rotating_attention",
+                        lambda model: use_rotating_attention(model, everywhere=True))
+    model = tiny_model(seed=9)
+    engine = make_engine(model, rope_kv_write=True, block_size=4)
+    assert rotates(model)
+    generator = torch.Generator().manual_seed(3)
+    first = random_prompt(10, generator)
+    prompts = {"a": first, "b": first[:8] + random_prompt(3, generator),
+               "c": random_prompt(6, generator)}
+    engine.add_request("a", prompts["a"], GREEDY)
+    engine.step()
+    engine.step()  # "a" decodes while "b" and "c" prefill
+    for request_id in ("b", "c"):
+        engine.add_request(request_id, prompts[request_id], GREEDY)
+    done = drain(engine)
+    assert engine.stats().prefix_cache_hit_rate > 0
+    for request_id, prompt in prompts.items():
+        assert done[request_id].outputs[0].token_ids == \
+            reference(model, prompt, GREEDY.max_tokens)
 
 
 def test_quantized_and_gemv_models_rotate_with_the_same_tokens(make_engine, monkeypatch):
