@@ -31,8 +31,10 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 
 @triton.jit
-def _rotate(X, OUT, x_off, o_off, stride_xh, stride_oh, num_heads, c, s,
-            HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def rotate_heads(X, OUT, x_off, o_off, stride_xh, stride_oh, num_heads, c, s,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One token's `num_heads` heads of X (from `x_off`, heads `stride_xh` apart) rotated by
+    the fp32 halves `c`, `s` `[1, BLOCK_HALF]`, stored to OUT (from `o_off`, `stride_oh`)."""
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HALF)
@@ -59,10 +61,10 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, T, num_q_heads, num_k_heads,
     c_off = b * sc_b + t * sc_t + offs_d
     c = tl.load(COS + c_off, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
     s = sign * tl.load(SIN + c_off, mask=offs_d < HALF, other=0.0).to(tl.float32)[None, :]
-    _rotate(Q, QO, b * sq_b + t * sq_t, b * sqo_b + t * sqo_t, sq_h, sqo_h, num_q_heads,
-            c, s, HALF, BLOCK_HQ, BLOCK_HALF)
-    _rotate(K, KO, b * sk_b + t * sk_t, b * sko_b + t * sko_t, sk_h, sko_h, num_k_heads,
-            c, s, HALF, BLOCK_HK, BLOCK_HALF)
+    rotate_heads(Q, QO, b * sq_b + t * sq_t, b * sqo_b + t * sqo_t, sq_h, sqo_h, num_q_heads,
+                 c, s, HALF, BLOCK_HQ, BLOCK_HALF)
+    rotate_heads(K, KO, b * sk_b + t * sk_t, b * sko_b + t * sko_t, sk_h, sko_h, num_k_heads,
+                 c, s, HALF, BLOCK_HK, BLOCK_HALF)
 
 
 # ---------------------------------------------------------------------------- launcher

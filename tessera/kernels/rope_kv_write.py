@@ -23,7 +23,7 @@ import torch
 from tessera.kernels import registry
 from tessera.kernels._triton import HAS_TRITON, tl, triton, use_pdl
 from tessera.kernels.kv_write import kv_write_reference
-from tessera.kernels.rope import _rotate, rope_reference
+from tessera.kernels.rope import rope_reference, rotate_heads
 
 
 def rope_kv_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -54,12 +54,12 @@ def _rope_kv_write_kernel(Q, K, V, QO, KO, COS, SIN, KEY_CACHE, VALUE_CACHE, SLO
     c = tl.load(COS + token * sc_t + offs_d, mask=offs_d < HALF, other=0.0)
     s = tl.load(SIN + token * sc_t + offs_d, mask=offs_d < HALF, other=0.0)
     c, s = c.to(tl.float32)[None, :], s.to(tl.float32)[None, :]
-    _rotate(Q, QO, token * sq_t, token * sqo_t, sq_h, sqo_h, num_q_heads, c, s, HALF,
-            BLOCK_HQ, BLOCK_HALF)
-    _rotate(K, KO, token * sk_t, token * sko_t, sk_h, sko_h, num_k_heads, c, s, HALF,
-            BLOCK_HK, BLOCK_HALF)
-    _rotate(K, KEY_CACHE, token * sk_t, slot * width, sk_h, head_dim, num_k_heads, c, s,
-            HALF, BLOCK_HK, BLOCK_HALF)
+    rotate_heads(Q, QO, token * sq_t, token * sqo_t, sq_h, sqo_h, num_q_heads, c, s, HALF,
+                 BLOCK_HQ, BLOCK_HALF)
+    rotate_heads(K, KO, token * sk_t, token * sko_t, sk_h, sko_h, num_k_heads, c, s, HALF,
+                 BLOCK_HK, BLOCK_HALF)
+    rotate_heads(K, KEY_CACHE, token * sk_t, slot * width, sk_h, head_dim, num_k_heads, c, s,
+                 HALF, BLOCK_HK, BLOCK_HALF)
     cols = tl.arange(0, BLOCK_KV)
     values = tl.load(V + token * sv_t + cols, mask=cols < width)
     tl.store(VALUE_CACHE + slot * width + cols, values, mask=cols < width)
