@@ -125,6 +125,23 @@ def _summed_input(x_ptrs, r_ptrs, x_mask, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
+def _stream_tile(x_ptrs, r_ptrs, ro_ptrs, x_mask, HAS_RESIDUAL: tl.constexpr):
+    """`_summed_input`'s tile; with a residual the first program also stores it at
+    `ro_ptrs` (the residual stream after the add)."""
+    x = _summed_input(x_ptrs, r_ptrs, x_mask, HAS_RESIDUAL)
+    if HAS_RESIDUAL:
+        if tl.program_id(0) == 0:
+            tl.store(ro_ptrs, x, mask=x_mask)
+    return x
+
+
+@triton.jit
+def _rstd(sum_of_squares, K, eps):
+    """Each row's `1 / sqrt(mean(x^2) + eps)` from its sum of squares over K."""
+    return tl.rsqrt(sum_of_squares / K + eps)
+
+
+@triton.jit
 def _normed(x, g_ptrs, x_mask, rstd):
     """`x * rstd` rounded to x's dtype, times the norm weight at `g_ptrs`, rounded again
     (where the `rms_norm` kernel rounds), in fp32."""
@@ -157,17 +174,13 @@ def _norm_rstd(x_ptrs, r_ptrs, ro_ptrs, mask_m, K, eps, HAS_RESIDUAL: tl.constex
     """Each row's `1 / sqrt(mean((X + R)^2) + eps)` over all of K. The first program also
     writes the rounded sum X + R (the residual stream after the add) at `ro_ptrs`."""
     offs_k = tl.arange(0, BLOCK_K)
-    is_writer = tl.program_id(0) == 0
     squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask = mask_m[:, None] & (k0 + offs_k < K)[None, :]
-        x = _summed_input(x_ptrs + k0, r_ptrs + k0, mask, HAS_RESIDUAL)
-        if HAS_RESIDUAL:
-            if is_writer:
-                tl.store(ro_ptrs + k0, x, mask=mask)
-        xf = x.to(tl.float32)
+        xf = _stream_tile(x_ptrs + k0, r_ptrs + k0, ro_ptrs + k0, mask,
+                          HAS_RESIDUAL).to(tl.float32)
         squares += xf * xf
-    return tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+    return _rstd(tl.sum(squares, axis=1), K, eps)
 
 
 @triton.jit
@@ -178,13 +191,9 @@ def _whole_rows_input(x_ptrs, x_mask, K, r_ptrs, ro_ptrs, g_ptrs, eps,
     the norm, the rows' squares are summed from that same load (no second pass over K) and
     the first program writes X + R at `ro_ptrs`."""
     if NORM_INPUT:
-        x = _summed_input(x_ptrs, r_ptrs, x_mask, HAS_RESIDUAL)
-        if HAS_RESIDUAL:
-            if tl.program_id(0) == 0:
-                tl.store(ro_ptrs, x, mask=x_mask)
+        x = _stream_tile(x_ptrs, r_ptrs, ro_ptrs, x_mask, HAS_RESIDUAL)
         xf = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps)
-        return _normed(x, g_ptrs, x_mask, rstd)
+        return _normed(x, g_ptrs, x_mask, _rstd(tl.sum(xf * xf, axis=1), K, eps))
     no_rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     return _gemv_input(x_ptrs, x_mask, K, r_ptrs, g_ptrs, no_rstd, SWIGLU_INPUT, False, False)
 

@@ -46,21 +46,35 @@ def _kv_write_kernel(K, V, KEY_CACHE, VALUE_CACHE, SLOTS, stride_k, stride_v, wi
     tl.store(VALUE_CACHE + slot * width + cols, v, mask=mask)
 
 
-def kv_write(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
-             value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    num_tokens, num_kv_heads, head_dim = k.shape
-    width = num_kv_heads * head_dim
+def check_pool_write(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+                     value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """What storing k, v `[N, KVH, D]` in one layer of the pool needs (see above): shapes
+    and dtypes that match, contiguous caches, int64 slots, each token's values contiguous
+    (k's are checked by the caller: a kernel may read them strided)."""
     assert v.shape == k.shape, f"k {tuple(k.shape)} vs v {tuple(v.shape)}"
     assert key_cache.shape == value_cache.shape and key_cache.shape[2:] == k.shape[1:], \
         f"cache {tuple(key_cache.shape)} for k {tuple(k.shape)}"
     assert key_cache.is_contiguous() and value_cache.is_contiguous(), "caches: contiguous"
-    assert k.dtype == v.dtype == key_cache.dtype == value_cache.dtype, "dtypes differ"
-    assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype == torch.int64
+    assert k.dtype == v.dtype == key_cache.dtype == value_cache.dtype, \
+        "k, v and the caches must share a dtype"
+    assert slot_mapping.shape == (k.shape[0],) and slot_mapping.dtype == torch.int64
+    check_token_rows("v", v)
+
+
+def check_token_rows(name: str, t: torch.Tensor) -> None:
+    """Each token's heads of t `[N, heads, D]` contiguous (the token stride is free)."""
+    assert t.stride(2) == 1 and t.stride(1) == t.shape[2], \
+        f"{name}: each token's heads must be contiguous, strides {t.stride()}"
+
+
+def kv_write(k: torch.Tensor, v: torch.Tensor, key_cache: torch.Tensor,
+             value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_tokens, num_kv_heads, head_dim = k.shape
+    width = num_kv_heads * head_dim
+    check_pool_write(k, v, key_cache, value_cache, slot_mapping)
+    check_token_rows("k", k)
     if num_tokens == 0:
         return
-    for name, t in (("k", k), ("v", v)):
-        assert t.stride(2) == 1 and t.stride(1) == head_dim, \
-            f"{name}: each token's heads must be contiguous, strides {t.stride()}"
     pdl = use_pdl(k.device)
     _kv_write_kernel[(num_tokens,)](k, v, key_cache, value_cache, slot_mapping,
                                     k.stride(0), v.stride(0), width,

@@ -22,7 +22,7 @@ import torch
 
 from tessera.kernels import registry
 from tessera.kernels._triton import HAS_TRITON, tl, triton, use_pdl
-from tessera.kernels.kv_write import kv_write_reference
+from tessera.kernels.kv_write import check_pool_write, kv_write_reference
 from tessera.kernels.rope import rope_reference, rotate_heads
 
 
@@ -75,21 +75,15 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     num_tokens, num_q, head_dim = q.shape
     num_k = k.shape[1]
     width = num_k * head_dim
-    assert k.shape == v.shape == (num_tokens, num_k, head_dim), \
-        f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    assert k.shape[0] == num_tokens and k.shape[2] == head_dim, \
+        f"q {tuple(q.shape)}, k {tuple(k.shape)}"
+    check_pool_write(k, v, key_cache, value_cache, slot_mapping)
+    assert q.dtype == k.dtype, "q, k, v and the caches must share a dtype"
     assert head_dim % 2 == 0, "head_dim must be even"
     assert cos.shape == sin.shape == (num_tokens, head_dim) and cos.stride() == sin.stride(), \
         f"cos and sin: ({num_tokens}, {head_dim}) with the same strides"
-    assert key_cache.shape == value_cache.shape and key_cache.shape[2:] == k.shape[1:], \
-        f"cache {tuple(key_cache.shape)} for k {tuple(k.shape)}"
-    assert key_cache.is_contiguous() and value_cache.is_contiguous(), "caches: contiguous"
-    assert q.dtype == k.dtype == v.dtype == key_cache.dtype == value_cache.dtype, \
-        "q, k, v and the caches must share a dtype"
-    assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype == torch.int64
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         assert t.stride(-1) == 1, f"{name}'s last dim must be contiguous"
-    assert v.stride(2) == 1 and v.stride(1) == head_dim, \
-        f"v: each token's heads must be contiguous, strides {v.stride()}"
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if num_tokens == 0:
         return q_out, k_out
